@@ -1,0 +1,85 @@
+package edged
+
+import (
+	"context"
+	"time"
+)
+
+// Change is one atomic, durable step of the station: rentals and command
+// records to upsert and events to append. A Store commits all of it or none.
+type Change struct {
+	Rentals  []Rental
+	Commands []CommandRecord
+	Events   []Event
+}
+
+// Store is the station's durable state. Implementations are safe for
+// concurrent use.
+type Store interface {
+	// Commit applies c atomically and durably (fsynced) before it returns,
+	// assigning the events consecutive seqs after every event committed
+	// before. It returns the events as stored. When the outbox is over its
+	// quota, droppable events are dropped first (§3.3). Errors: EUNAVAILABLE
+	// when the disk refuses the write, EINTERNAL otherwise.
+	Commit(ctx context.Context, c Change) ([]Event, error)
+
+	// Rental returns a rental by id. Errors: ENOTFOUND.
+	Rental(ctx context.Context, id string) (Rental, error)
+	// Rentals returns the rentals in the given states (all when none are
+	// given), newest grant first, at most limit (0: no limit).
+	Rentals(ctx context.Context, limit int, states ...RentalState) ([]Rental, error)
+	// Command returns a renter command's record. Errors: ENOTFOUND.
+	Command(ctx context.Context, cmdID string) (CommandRecord, error)
+
+	// SaveDeviceState records the latest state of a device. It may buffer:
+	// latest state is flushed in the background, not fsynced per call.
+	SaveDeviceState(s DeviceState)
+	// DeviceStates returns the last saved state of every device.
+	DeviceStates(ctx context.Context) ([]DeviceState, error)
+
+	// Events returns logged events with seq > after, oldest first, at most
+	// limit; delivered ones included while they are retained.
+	Events(ctx context.Context, after uint64, limit int) ([]Event, error)
+}
+
+// Outbox is the queue of events not yet acknowledged upstream, drained by
+// the uplink in seq order.
+type Outbox interface {
+	// Pending returns up to limit queued events with seq > after, in order.
+	Pending(ctx context.Context, after uint64, limit int) ([]Event, error)
+	// Ack removes delivered events from the queue; unknown seqs are ignored.
+	Ack(ctx context.Context, seqs ...uint64) error
+	// OutboxStats describes the queue; now is used for the oldest age.
+	OutboxStats(now time.Time) OutboxStats
+	// Notify returns a channel that receives (without blocking the store)
+	// whenever events are appended.
+	Notify() <-chan struct{}
+}
+
+// Clock is the station's time. Now must carry Go's monotonic reading in
+// production, so durations survive wall clock jumps. Synced reports whether
+// the wall clock is synchronized (§4).
+type Clock interface {
+	Now() time.Time
+	Synced() bool
+}
+
+// Commander delivers commands to devices. Send returns once the command is
+// on its way; the device's ack comes back through Station.DeviceAck.
+// Errors: ENOTFOUND for an unknown device, EUNAVAILABLE when the device
+// cannot be reached now.
+type Commander interface {
+	Send(ctx context.Context, deviceID string, cmd DeviceCommand) error
+}
+
+// DeviceReporter is what device links (the local broker, the serial bus)
+// report to the station. Every method returns after what must be durable is
+// durable, so the link may acknowledge the device afterwards.
+type DeviceReporter interface {
+	DeviceOnline(ctx context.Context, deviceID string, online bool) error
+	DeviceState(ctx context.Context, deviceID string, r StateReport) error
+	DeviceTelemetry(ctx context.Context, deviceID string, t map[string]any) error
+	DeviceLocation(ctx context.Context, deviceID string, l Location) error
+	DeviceEvent(ctx context.Context, deviceID string, event []byte) error
+	DeviceAck(ctx context.Context, deviceID string, a CommandAck) error
+}
