@@ -83,3 +83,26 @@ type DeviceReporter interface {
 	DeviceEvent(ctx context.Context, deviceID string, event []byte) error
 	DeviceAck(ctx context.Context, deviceID string, a CommandAck) error
 }
+
+// CloudHandler is what the uplink hands the station from the cloud.
+// Station implements it.
+type CloudHandler interface {
+	// Rental applies a message of R/S/down/rentals. It returns nil once the
+	// message and its result are durable, so the uplink may acknowledge it;
+	// a refused message is not an error (its refusal is a rental.result
+	// event). An error means nothing was stored: do not acknowledge.
+	Rental(ctx context.Context, payload []byte) error
+	// RenterCommand applies a message of R/S/down/commands, with the same
+	// acknowledgement rule as Rental.
+	RenterCommand(ctx context.Context, payload []byte) error
+}
+
+// StateSource gives the latest state of every device, for coalesced
+// publication: a reader takes DeviceStates after each signal of
+// StatesChanged and publishes those whose UpdatedAt moved.
+type StateSource interface {
+	DeviceStates() []DeviceState
+	// StatesChanged receives a value (never blocking the station) after
+	// any device state changes.
+	StatesChanged() <-chan struct{}
+}
