@@ -1,0 +1,1056 @@
+package edged
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"time"
+)
+
+// CheckpointInterval is how often active rentals record how long they have
+// run, so a restart loses at most this much of a rental's accounting (§4
+// asks for at most 5 s).
+const CheckpointInterval = 3 * time.Second
+
+// unrentedRepeat is how often a device that keeps reporting in_use with no
+// rental is stopped again and reported again.
+const unrentedRepeat = 10 * time.Second
+
+// StationOptions configure a Station.
+type StationOptions struct {
+	ID      string
+	Devices []Device
+	Store   Store
+	// Commander delivers commands to devices; it may be set later with
+	// SetCommander, before Open.
+	Commander Commander
+	Clock     Clock
+	// VerifyKey, when set, makes signatures on rental messages mandatory.
+	VerifyKey    ed25519.PublicKey
+	StartTimeout time.Duration
+	Logger       *slog.Logger
+}
+
+// Station is the rental engine and the registry of the station's devices:
+// it decides what happens to grants, extends, cancels, renter commands and
+// device reports, and records every decision in the Store before it is
+// acknowledged to anyone. All its rules live in this file.
+//
+// Rental time runs on the monotonic clock: a rental's used time is the
+// time used at its last base (start ack or resume) plus the monotonic time
+// since. Wall times in events are informative and flagged with
+// clock_synced.
+type Station struct {
+	id           string
+	store        Store
+	cmd          Commander
+	clock        Clock
+	verifyKey    ed25519.PublicKey
+	startTimeout time.Duration
+	log          *slog.Logger
+
+	changed chan struct{}
+	wake    chan struct{}
+
+	mu             sync.Mutex
+	devices        map[string]*deviceRecord
+	order          []string
+	live           map[string]*liveRental // starting and active rentals by id
+	pending        map[string]*pendingCommand
+	lastCheckpoint time.Time
+}
+
+type deviceRecord struct {
+	dev          Device
+	state        DeviceState
+	rental       *liveRental // starting or active
+	stopOnReturn bool
+	graceUntil   time.Time // in_use tolerated until then after a rental ends
+	lastUnrented time.Time
+}
+
+type liveRental struct {
+	r        Rental
+	base     time.Time     // monotonic reading when baseUsed was taken
+	baseUsed time.Duration // time used at base
+	deadline time.Time     // start ack deadline while starting
+}
+
+func (l *liveRental) used(now time.Time) time.Duration {
+	if l.r.State != RentalActive {
+		return 0
+	}
+	d := l.baseUsed + now.Sub(l.base)
+	if d < 0 {
+		d = l.baseUsed
+	}
+	return d
+}
+
+type commandKind int
+
+const (
+	kindStart  commandKind = iota // a rental's start, awaiting its ack
+	kindResync                    // start resent to a running device; ack ignored
+	kindStop
+	kindRenter // a renter's command forwarded to the device
+)
+
+type pendingCommand struct {
+	kind     commandKind
+	cmdID    string
+	deviceID string
+	rentalID string
+	record   CommandRecord
+	deadline time.Time
+}
+
+// NewStation returns a Station for the given devices. Call Open before use.
+func NewStation(o StationOptions) (*Station, error) {
+	if !ValidStationID(o.ID) {
+		return nil, Errorf(EINVALID, "bad station id %q", o.ID)
+	}
+	if o.Store == nil || o.Clock == nil {
+		return nil, Errorf(EINVALID, "station needs a store and a clock")
+	}
+	if o.StartTimeout <= 0 {
+		o.StartTimeout = 5 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Station{
+		id: o.ID, store: o.Store, cmd: o.Commander, clock: o.Clock,
+		verifyKey: o.VerifyKey, startTimeout: o.StartTimeout, log: o.Logger,
+		changed: make(chan struct{}, 1), wake: make(chan struct{}, 1),
+		devices: map[string]*deviceRecord{},
+		live:    map[string]*liveRental{},
+		pending: map[string]*pendingCommand{},
+	}
+	for _, d := range o.Devices {
+		if _, dup := s.devices[d.ID]; dup {
+			return nil, Errorf(EINVALID, "device %q declared twice", d.ID)
+		}
+		rec := &deviceRecord{dev: d, state: DeviceState{
+			DeviceID: d.ID, Kind: d.Kind, Transport: d.Transport,
+			Status: StatusUnknown, Telemetry: map[string]any{},
+		}}
+		if d.Location != nil {
+			l := *d.Location
+			rec.state.Location = &l
+		}
+		s.devices[d.ID] = rec
+		s.order = append(s.order, d.ID)
+	}
+	return s, nil
+}
+
+// SetCommander sets where device commands go. Call it before Open.
+func (s *Station) SetCommander(c Commander) { s.cmd = c }
+
+// ID returns the station id.
+func (s *Station) ID() string { return s.id }
+
+// Open restores the station from its store: the last known device states
+// (all offline until they report), and every rental that was running,
+// resumed with the time it had left at its last checkpoint, less the
+// downtime when the wall clock lets it be measured (§4). A grant whose start
+// was never acknowledged before the restart ends as timeout.
+func (s *Station) Open(ctx context.Context) error {
+	states, err := s.store.DeviceStates(ctx)
+	if err != nil {
+		return fmt.Errorf("load device states: %w", err)
+	}
+	rentals, err := s.store.Rentals(ctx, 0, RentalStarting, RentalActive)
+	if err != nil {
+		return fmt.Errorf("load rentals: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, st := range states {
+		rec, ok := s.devices[st.DeviceID]
+		if !ok {
+			continue // no longer configured
+		}
+		rec.state.Status = st.Status
+		rec.state.Fault = st.Fault
+		rec.state.Maintenance = st.Maintenance
+		rec.state.Telemetry = st.Telemetry
+		if rec.state.Telemetry == nil {
+			rec.state.Telemetry = map[string]any{}
+		}
+		if st.Location != nil {
+			rec.state.Location = st.Location
+		}
+		rec.state.LastSeen = st.LastSeen
+		rec.state.UpdatedAt = st.UpdatedAt
+	}
+	now := s.clock.Now()
+	var ch Change
+	for _, r := range rentals {
+		rec, ok := s.devices[r.DeviceID]
+		if !ok || rec.rental != nil {
+			// The device is gone from the config, or (never expected) holds
+			// two rentals: end this one now.
+			r.State, r.Reason, r.EndedAt = RentalEnded, ReasonOperator, now
+			ch.Rentals = append(ch.Rentals, r)
+			ch.Events = append(ch.Events, s.event(now, EventRentalEnded, RentalEndedData{
+				RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
+				EndedAt: now, UsedS: seconds(r.Used), Reason: ReasonOperator,
+			}))
+			continue
+		}
+		if r.State == RentalStarting {
+			r.State, r.Reason = RentalRejected, ReasonTimeout
+			ch.Rentals = append(ch.Rentals, r)
+			ch.Events = append(ch.Events, s.event(now, EventRentalResult, RentalResultData{
+				RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: ReasonTimeout,
+			}))
+			rec.stopOnReturn = true // sent when the device reconnects
+			continue
+		}
+		used := r.Used
+		if r.CheckpointSynced && s.clock.Synced() && !r.CheckpointAt.IsZero() {
+			if down := now.Sub(r.CheckpointAt); down > 0 {
+				used += down
+			}
+		}
+		l := &liveRental{r: r, base: now, baseUsed: used}
+		l.r.EndsAt = now.Add(r.Remaining(used))
+		l.r.Used, l.r.CheckpointAt, l.r.CheckpointSynced = used, now, s.clock.Synced()
+		s.live[r.ID] = l
+		rec.rental = l
+		rec.state.Rental = &DeviceRental{RentalID: r.ID, RenterID: r.RenterID, StartedAt: r.StartedAt, EndsAt: l.r.EndsAt}
+		ch.Rentals = append(ch.Rentals, l.r)
+		s.log.Info("rental resumed", "rental", r.ID, "device", r.DeviceID, "remaining", r.Remaining(used).Round(time.Second))
+	}
+	s.lastCheckpoint = now
+	if len(ch.Rentals) > 0 || len(ch.Events) > 0 {
+		if _, err := s.store.Commit(ctx, ch); err != nil {
+			return fmt.Errorf("resume rentals: %w", err)
+		}
+	}
+	s.expireLocked(ctx, now)
+	return nil
+}
+
+// Run enforces rentals until ctx ends: start timeouts, command timeouts,
+// expiry and checkpoints. It returns nil when ctx is cancelled.
+func (s *Station) Run(ctx context.Context) error {
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		case <-s.wake:
+		}
+		next := s.Tick(ctx)
+		d := time.Until(next)
+		if d < time.Millisecond {
+			d = time.Millisecond
+		}
+		if d > time.Second {
+			d = time.Second
+		}
+		if !t.Stop() {
+			select {
+			case <-t.C:
+			default:
+			}
+		}
+		t.Reset(d)
+	}
+}
+
+// Tick applies every rule that depends on time passing, as of the clock's
+// now, and returns when it next needs to run.
+func (s *Station) Tick(ctx context.Context) time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.clock.Now()
+	s.expireLocked(ctx, now)
+	if len(s.live) > 0 && now.Sub(s.lastCheckpoint) >= CheckpointInterval {
+		s.checkpointLocked(ctx, now)
+	}
+	next := now.Add(time.Second)
+	for _, l := range s.live {
+		var at time.Time
+		if l.r.State == RentalStarting {
+			at = l.deadline
+		} else {
+			at = now.Add(l.r.Remaining(l.used(now)))
+		}
+		if at.Before(next) {
+			next = at
+		}
+	}
+	for _, p := range s.pending {
+		if p.deadline.Before(next) {
+			next = p.deadline
+		}
+	}
+	return next
+}
+
+func (s *Station) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Station) notifyChanged() {
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
+// expireLocked ends rentals whose time is up and resolves commands whose
+// ack never came.
+func (s *Station) expireLocked(ctx context.Context, now time.Time) {
+	ids := make([]string, 0, len(s.live))
+	for id := range s.live {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		l := s.live[id]
+		switch {
+		case l.r.State == RentalStarting && !now.Before(l.deadline):
+			s.failStartLocked(ctx, now, l, ReasonTimeout, "")
+		case l.r.State == RentalActive && l.r.Remaining(l.used(now)) == 0:
+			s.endLocked(ctx, now, l, ReasonExpired)
+		}
+	}
+	for id, p := range s.pending {
+		if now.Before(p.deadline) || p.kind == kindStart {
+			continue
+		}
+		delete(s.pending, id)
+		if p.kind == kindRenter {
+			s.finishRenterLocked(ctx, now, p, false, ReasonTimeout, "")
+		}
+	}
+}
+
+func (s *Station) checkpointLocked(ctx context.Context, now time.Time) {
+	var ch Change
+	for _, l := range s.live {
+		if l.r.State != RentalActive {
+			continue
+		}
+		l.r.Used, l.r.CheckpointAt, l.r.CheckpointSynced = l.used(now), now, s.clock.Synced()
+		ch.Rentals = append(ch.Rentals, l.r)
+	}
+	if len(ch.Rentals) == 0 {
+		s.lastCheckpoint = now
+		return
+	}
+	if _, err := s.store.Commit(ctx, ch); err != nil {
+		s.log.Error("checkpoint rentals", "err", err)
+		return
+	}
+	s.lastCheckpoint = now
+}
+
+// event builds an event envelope; the store assigns its seq.
+func (s *Station) event(now time.Time, t EventType, data any) Event {
+	b, err := json.Marshal(data)
+	if err != nil {
+		panic(fmt.Sprintf("edged: marshal %s data: %v", t, err)) // our own types always marshal
+	}
+	return Event{Station: s.id, Type: t, TS: now.UTC().Round(time.Millisecond), ClockSynced: s.clock.Synced(), Data: b}
+}
+
+func (s *Station) commitLocked(ctx context.Context, ch Change) error {
+	if _, err := s.store.Commit(ctx, ch); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+// send delivers a command, logging failures: the caller decides what a
+// failure means for the rental.
+func (s *Station) sendLocked(ctx context.Context, deviceID string, c DeviceCommand) error {
+	if s.cmd == nil {
+		return &Error{Code: EUNAVAILABLE, Reason: ReasonDeviceOffline, Message: "no device link"}
+	}
+	err := s.cmd.Send(ctx, deviceID, c)
+	if err != nil {
+		s.log.Warn("send command", "device", deviceID, "action", c.Action, "err", err)
+	}
+	return err
+}
+
+func newCmdID() string {
+	var b [9]byte
+	_, _ = rand.Read(b[:])
+	return "edged-" + hex.EncodeToString(b[:])
+}
+
+func seconds(d time.Duration) int64 { return int64((d + time.Second/2) / time.Second) }
+
+// stopLocked sends stop to a device now if it is online, else when it
+// returns.
+func (s *Station) stopLocked(ctx context.Context, now time.Time, rec *deviceRecord, rentalID string) {
+	rec.graceUntil = now.Add(2 * s.startTimeout)
+	if !rec.state.Online {
+		rec.stopOnReturn = true
+		return
+	}
+	id := newCmdID()
+	if err := s.sendLocked(ctx, rec.dev.ID, DeviceCommand{CmdID: id, Action: ActionStop, RentalID: rentalID}); err != nil {
+		rec.stopOnReturn = true
+		return
+	}
+	rec.stopOnReturn = false
+	s.pending[id] = &pendingCommand{kind: kindStop, cmdID: id, deviceID: rec.dev.ID, rentalID: rentalID, deadline: now.Add(s.startTimeout)}
+}
+
+// startCommand is the start sent for a rental, carrying its remaining time.
+func startCommand(cmdID string, r Rental, remaining time.Duration, endsAt *time.Time) DeviceCommand {
+	d := int64((remaining + time.Second - 1) / time.Second)
+	if d < 1 {
+		d = 1
+	}
+	return DeviceCommand{CmdID: cmdID, Action: ActionStart, RentalID: r.ID, RenterID: r.RenterID, DurationS: d, EndsAt: endsAt}
+}
+
+// endLocked ends a started or starting rental for reason, durably, and
+// stops its device.
+func (s *Station) endLocked(ctx context.Context, now time.Time, l *liveRental, reason Reason) error {
+	r := l.r
+	used := l.used(now)
+	if used > r.Duration {
+		used = r.Duration
+	}
+	r.State, r.Reason, r.EndedAt, r.Used, r.CheckpointAt = RentalEnded, reason, now, used, now
+	r.StartCmdID = ""
+	ch := Change{Rentals: []Rental{r}, Events: []Event{s.event(now, EventRentalEnded, RentalEndedData{
+		RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
+		EndedAt: now.UTC().Round(time.Millisecond), UsedS: seconds(used), Reason: reason,
+	})}}
+	if err := s.commitLocked(ctx, ch); err != nil {
+		s.log.Error("end rental", "rental", r.ID, "err", err)
+		return err
+	}
+	s.dropLiveLocked(l)
+	rec := s.devices[r.DeviceID]
+	s.stopLocked(ctx, now, rec, r.ID)
+	s.touchLocked(rec, now)
+	s.log.Info("rental ended", "rental", r.ID, "device", r.DeviceID, "reason", reason, "used_s", seconds(used))
+	return nil
+}
+
+func (s *Station) dropLiveLocked(l *liveRental) {
+	delete(s.live, l.r.ID)
+	if l.r.StartCmdID != "" {
+		delete(s.pending, l.r.StartCmdID)
+	}
+	if rec := s.devices[l.r.DeviceID]; rec != nil && rec.rental == l {
+		rec.rental = nil
+		rec.state.Rental = nil
+	}
+}
+
+// failStartLocked resolves a grant whose start failed: no ack in time, a
+// refusal by the device, or a device that faulted first.
+func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRental, reason Reason, detail string) {
+	r := l.r
+	r.State, r.Reason, r.StartCmdID = RentalRejected, reason, ""
+	ch := Change{Rentals: []Rental{r}, Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+		RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: reason,
+	})}}
+	if err := s.commitLocked(ctx, ch); err != nil {
+		s.log.Error("fail rental start", "rental", r.ID, "err", err)
+		return
+	}
+	s.dropLiveLocked(l)
+	rec := s.devices[r.DeviceID]
+	s.stopLocked(ctx, now, rec, r.ID)
+	s.touchLocked(rec, now)
+	s.log.Info("rental refused", "rental", r.ID, "device", r.DeviceID, "reason", reason, "detail", detail)
+}
+
+func (s *Station) touchLocked(rec *deviceRecord, now time.Time) {
+	rec.state.UpdatedAt = now.UTC().Round(time.Millisecond)
+	s.store.SaveDeviceState(rec.state.Clone())
+	s.notifyChanged()
+}
+
+// Rental applies a message of R/S/down/rentals (§3.1). It returns nil once
+// the message's effect and its result are durable; a refusal is reported as
+// a rental.result event, not as an error.
+func (s *Station) Rental(ctx context.Context, payload []byte) error {
+	m, perr := ParseRentalMessage(payload)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.clock.Now()
+	refuse := func(reason Reason, record bool) error {
+		ch := Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+			RentalID: truncate(m.RentalID), DeviceID: truncate(m.DeviceID), Op: truncate(m.Op), OK: false, Reason: reason,
+		})}}
+		if record {
+			ch.Rentals = []Rental{{ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalRejected,
+				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now}}
+		}
+		s.log.Info("rental message refused", "op", truncate(m.Op), "rental", truncate(m.RentalID), "device", truncate(m.DeviceID), "reason", reason)
+		return s.commitLocked(ctx, ch)
+	}
+	if perr != nil {
+		return refuse(ReasonInvalid, false)
+	}
+	if s.verifyKey != nil {
+		// A message that fails verification is never recorded, so a forged
+		// message cannot poison a rental id before the real one arrives.
+		if err := VerifyRental(s.verifyKey, s.id, m); err != nil {
+			return refuse(ReasonBadSignature, false)
+		}
+	}
+	if m.NotAfter != "" && s.clock.Synced() {
+		na, _ := time.Parse(time.RFC3339Nano, m.NotAfter)
+		if now.After(na) {
+			if m.Op == OpGrant {
+				if _, err := s.store.Rental(ctx, m.RentalID); ErrorCode(err) == ENOTFOUND {
+					return refuse(ReasonExpired, true)
+				}
+			} else {
+				return refuse(ReasonExpired, false)
+			}
+		}
+	}
+	switch m.Op {
+	case OpGrant:
+		return s.grantLocked(ctx, now, m, refuse)
+	case OpExtend:
+		return s.extendLocked(ctx, now, m, refuse)
+	default:
+		return s.cancelLocked(ctx, now, m, refuse)
+	}
+}
+
+func truncate(s string) string {
+	if len(s) > 128 {
+		s = s[:128]
+	}
+	return s
+}
+
+func (s *Station) result(now time.Time, m RentalMessage, ok bool, reason Reason) Event {
+	return s.event(now, EventRentalResult, RentalResultData{RentalID: m.RentalID, DeviceID: m.DeviceID, Op: m.Op, OK: ok, Reason: reason})
+}
+
+func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessage, refuse func(Reason, bool) error) error {
+	prev, err := s.store.Rental(ctx, m.RentalID)
+	switch {
+	case err == nil:
+		// A redelivery: report the same result again, change nothing.
+		switch prev.State {
+		case RentalStarting:
+			return nil // its result comes with the device's ack
+		case RentalRejected:
+			return s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+				RentalID: prev.ID, DeviceID: prev.DeviceID, Op: OpGrant, OK: false, Reason: prev.Reason})}})
+		default:
+			return s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+				RentalID: prev.ID, DeviceID: prev.DeviceID, Op: OpGrant, OK: true})}})
+		}
+	case ErrorCode(err) != ENOTFOUND:
+		return fmt.Errorf("grant: %w", err)
+	}
+	rec, ok := s.devices[m.DeviceID]
+	switch {
+	case !ok:
+		return refuse(ReasonUnknownDevice, true)
+	case rec.state.Maintenance:
+		return refuse(ReasonMaintenance, true)
+	case rec.state.Status == StatusFault:
+		return refuse(ReasonDeviceFault, true)
+	case !rec.state.Online:
+		return refuse(ReasonDeviceOffline, true)
+	case rec.rental != nil || rec.state.Status == StatusInUse:
+		return refuse(ReasonDeviceBusy, true)
+	}
+	cmdID := newCmdID()
+	l := &liveRental{r: Rental{
+		ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalStarting,
+		Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, StartCmdID: cmdID,
+	}, deadline: now.Add(s.startTimeout)}
+	if err := s.commitLocked(ctx, Change{Rentals: []Rental{l.r}}); err != nil {
+		return err
+	}
+	s.live[l.r.ID] = l
+	rec.rental = l
+	s.pending[cmdID] = &pendingCommand{kind: kindStart, cmdID: cmdID, deviceID: m.DeviceID, rentalID: m.RentalID, deadline: l.deadline}
+	s.log.Info("rental granted", "rental", m.RentalID, "device", m.DeviceID, "duration_s", m.DurationS)
+	if err := s.sendLocked(ctx, m.DeviceID, startCommand(cmdID, l.r, l.r.Duration, nil)); err != nil {
+		reason := ErrorReason(err)
+		if reason == "" {
+			reason = ReasonDeviceError
+		}
+		s.failStartLocked(ctx, now, l, reason, err.Error())
+	}
+	s.poke()
+	return nil
+}
+
+// ownedLocked finds the rental an extend or cancel names and checks that
+// the message matches it.
+func (s *Station) ownedLocked(ctx context.Context, m RentalMessage) (Rental, *liveRental, Reason, error) {
+	r, err := s.store.Rental(ctx, m.RentalID)
+	if ErrorCode(err) == ENOTFOUND {
+		return r, nil, ReasonNoRental, nil
+	}
+	if err != nil {
+		return r, nil, "", fmt.Errorf("%s: %w", m.Op, err)
+	}
+	switch {
+	case r.DeviceID != m.DeviceID:
+		return r, nil, ReasonInvalid, nil
+	case r.RenterID != m.RenterID:
+		return r, nil, ReasonNotRenter, nil
+	case r.State == RentalRejected:
+		return r, nil, ReasonNoRental, nil
+	}
+	return r, s.live[r.ID], "", nil
+}
+
+func (s *Station) extendLocked(ctx context.Context, now time.Time, m RentalMessage, refuse func(Reason, bool) error) error {
+	r, l, reason, err := s.ownedLocked(ctx, m)
+	if err != nil {
+		return err
+	}
+	if reason == "" && l == nil {
+		reason = ReasonNoRental // ended
+	}
+	if reason != "" {
+		return refuse(reason, false)
+	}
+	dur := time.Duration(m.DurationS) * time.Second
+	if l.r.Duration == dur {
+		return s.commitLocked(ctx, Change{Events: []Event{s.result(now, m, true, "")}})
+	}
+	l.r.Duration = dur
+	if l.r.State == RentalStarting {
+		return s.commitLocked(ctx, Change{Rentals: []Rental{l.r}, Events: []Event{s.result(now, m, true, "")}})
+	}
+	used := l.used(now)
+	remaining := l.r.Remaining(used)
+	l.r.EndsAt = now.Add(remaining)
+	l.r.Used, l.r.CheckpointAt, l.r.CheckpointSynced = used, now, s.clock.Synced()
+	ch := Change{Rentals: []Rental{l.r}, Events: []Event{
+		s.result(now, m, true, ""),
+		s.event(now, EventRentalExtended, RentalExtendedData{
+			RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
+			EndsAt: l.r.EndsAt.UTC().Round(time.Millisecond), DurationS: m.DurationS,
+		}),
+	}}
+	if err := s.commitLocked(ctx, ch); err != nil {
+		return err
+	}
+	rec := s.devices[r.DeviceID]
+	rec.state.Rental.EndsAt = l.r.EndsAt.UTC().Round(time.Millisecond)
+	s.touchLocked(rec, now)
+	if remaining == 0 {
+		return s.endLocked(ctx, now, l, ReasonExpired)
+	}
+	// The device runs its own timer from start's duration_s: tell it.
+	if rec.state.Online {
+		id := newCmdID()
+		if s.sendLocked(ctx, r.DeviceID, startCommand(id, l.r, remaining, &l.r.EndsAt)) == nil {
+			s.pending[id] = &pendingCommand{kind: kindResync, cmdID: id, deviceID: r.DeviceID, rentalID: r.ID, deadline: now.Add(s.startTimeout)}
+		}
+	}
+	s.poke()
+	return nil
+}
+
+func (s *Station) cancelLocked(ctx context.Context, now time.Time, m RentalMessage, refuse func(Reason, bool) error) error {
+	_, l, reason, err := s.ownedLocked(ctx, m)
+	if err != nil {
+		return err
+	}
+	if reason != "" {
+		return refuse(reason, false)
+	}
+	if err := s.commitLocked(ctx, Change{Events: []Event{s.result(now, m, true, "")}}); err != nil {
+		return err
+	}
+	if l == nil {
+		return nil // already ended: nothing changes
+	}
+	return s.endLocked(ctx, now, l, ReasonCancelled)
+}
+
+// RenterCommand applies a message of R/S/down/commands (§3.1): it is
+// forwarded to the device only while its renter holds the device's active
+// rental; action "end" ends the rental. Every command gets a
+// command.result, now or when the device answers.
+func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
+	c, perr := ParseRenterCommand(payload)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.clock.Now()
+	p := &pendingCommand{kind: kindRenter, cmdID: c.CmdID, deviceID: c.DeviceID, record: CommandRecord{
+		CmdID: c.CmdID, DeviceID: c.DeviceID, RenterID: c.RenterID, Action: c.Action, At: now,
+	}}
+	if perr != nil {
+		p.cmdID, p.deviceID = truncate(c.CmdID), truncate(c.DeviceID)
+		return s.finishRenterLocked(ctx, now, p, false, ReasonInvalid, "")
+	}
+	prev, err := s.store.Command(ctx, c.CmdID)
+	switch {
+	case err == nil && prev.Done:
+		return s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventCommandResult, CommandResultData{
+			CmdID: prev.CmdID, DeviceID: prev.DeviceID, OK: prev.OK, Reason: prev.Reason, Error: prev.Error})}})
+	case err == nil:
+		if _, inFlight := s.pending[c.CmdID]; inFlight {
+			return nil // its result comes with the device's ack
+		}
+		// Pending before a restart: its ack can no longer be matched.
+		return s.finishRenterLocked(ctx, now, p, false, ReasonTimeout, "")
+	case ErrorCode(err) != ENOTFOUND:
+		return fmt.Errorf("renter command: %w", err)
+	}
+	rec, ok := s.devices[c.DeviceID]
+	if !ok {
+		return s.finishRenterLocked(ctx, now, p, false, ReasonUnknownDevice, "")
+	}
+	l := rec.rental
+	if l == nil || l.r.State != RentalActive {
+		return s.finishRenterLocked(ctx, now, p, false, ReasonNoRental, "")
+	}
+	if l.r.RenterID != c.RenterID {
+		return s.finishRenterLocked(ctx, now, p, false, ReasonNotRenter, "")
+	}
+	p.rentalID = l.r.ID
+	switch c.Action {
+	case ActionEnd:
+		if err := s.finishRenterLocked(ctx, now, p, true, "", ""); err != nil {
+			return err
+		}
+		return s.endLocked(ctx, now, l, ReasonRenterEnded)
+	case ActionStart, ActionStop:
+		return s.finishRenterLocked(ctx, now, p, false, ReasonUnsupported, "start and stop are the gateway's own")
+	}
+	if !rec.state.Online {
+		return s.finishRenterLocked(ctx, now, p, false, ReasonDeviceOffline, "")
+	}
+	if err := s.commitLocked(ctx, Change{Commands: []CommandRecord{p.record}}); err != nil {
+		return err
+	}
+	p.deadline = now.Add(s.startTimeout)
+	s.pending[c.CmdID] = p
+	err = s.sendLocked(ctx, c.DeviceID, DeviceCommand{CmdID: c.CmdID, Action: c.Action, RentalID: l.r.ID, RenterID: c.RenterID, Args: c.Args})
+	if err != nil {
+		delete(s.pending, c.CmdID)
+		reason := ErrorReason(err)
+		if reason == "" {
+			reason = ReasonDeviceError
+		}
+		return s.finishRenterLocked(ctx, now, p, false, reason, "")
+	}
+	s.poke()
+	return nil
+}
+
+// finishRenterLocked records a renter command's result and reports it.
+func (s *Station) finishRenterLocked(ctx context.Context, now time.Time, p *pendingCommand, ok bool, reason Reason, detail string) error {
+	rec := p.record
+	rec.Done, rec.OK, rec.Reason, rec.Error, rec.At = true, ok, reason, detail, now
+	ch := Change{Events: []Event{s.event(now, EventCommandResult, CommandResultData{
+		CmdID: p.cmdID, DeviceID: p.deviceID, OK: ok, Reason: reason, Error: detail})}}
+	if ValidToken(rec.CmdID) && reason != ReasonInvalid {
+		ch.Commands = []CommandRecord{rec}
+	}
+	if err := s.commitLocked(ctx, ch); err != nil {
+		s.log.Error("renter command result", "cmd", p.cmdID, "err", err)
+		return err
+	}
+	return nil
+}
+
+// DeviceOnline records a device connecting or going away. A device that
+// returns during its rental gets start again with the time left; one whose
+// rental ended while it was away gets its stop.
+func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec, ok := s.devices[deviceID]
+	if !ok {
+		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	}
+	now := s.clock.Now()
+	if rec.state.Online == online {
+		return nil
+	}
+	t := EventDeviceOffline
+	if online {
+		t = EventDeviceOnline
+	}
+	if err := s.commitLocked(ctx, Change{Events: []Event{s.event(now, t, DeviceData{DeviceID: deviceID})}}); err != nil {
+		return err
+	}
+	rec.state.Online = online
+	seen := now.UTC().Round(time.Millisecond)
+	rec.state.LastSeen = &seen
+	if online {
+		if l := rec.rental; l != nil && l.r.State == RentalActive {
+			id := newCmdID()
+			if s.sendLocked(ctx, deviceID, startCommand(id, l.r, l.r.Remaining(l.used(now)), &l.r.EndsAt)) == nil {
+				s.pending[id] = &pendingCommand{kind: kindResync, cmdID: id, deviceID: deviceID, rentalID: l.r.ID, deadline: now.Add(s.startTimeout)}
+			}
+		} else if rec.stopOnReturn {
+			s.stopLocked(ctx, now, rec, "")
+		}
+	}
+	s.touchLocked(rec, now)
+	return nil
+}
+
+// DeviceState records a device's status report. A fault ends its rental
+// (device_fault); in_use with no rental is unrented use, and the device is
+// stopped.
+func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateReport) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec, ok := s.devices[deviceID]
+	if !ok {
+		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	}
+	now := s.clock.Now()
+	seen := now.UTC().Round(time.Millisecond)
+	rec.state.LastSeen = &seen
+	prev := rec.state.Status
+	rec.state.Status, rec.state.Fault = r.Status, r.Fault
+	if r.Status != StatusFault {
+		rec.state.Fault = ""
+	}
+	mergeTelemetry(rec.state.Telemetry, r.Extra)
+	var err error
+	switch {
+	case r.Status == StatusFault && rec.rental != nil:
+		if l := rec.rental; l.r.State == RentalStarting {
+			s.failStartLocked(ctx, now, l, ReasonDeviceFault, rec.state.Fault)
+		} else {
+			err = s.endLocked(ctx, now, l, ReasonDeviceFault)
+		}
+	case r.Status == StatusInUse && rec.rental == nil && now.After(rec.graceUntil):
+		if prev != StatusInUse || now.Sub(rec.lastUnrented) >= unrentedRepeat || rec.lastUnrented.IsZero() {
+			rec.lastUnrented = now
+			err = s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventUnrentedUse, DeviceData{DeviceID: deviceID})}})
+			if err == nil {
+				s.log.Warn("unrented use stopped", "device", deviceID)
+				s.stopLocked(ctx, now, rec, "")
+			}
+		}
+	}
+	s.touchLocked(rec, now)
+	return err
+}
+
+func mergeTelemetry(dst, src map[string]any) {
+	for k, v := range src {
+		if _, ok := dst[k]; !ok && len(dst) >= MaxTelemetryKeys {
+			continue
+		}
+		dst[k] = v
+	}
+}
+
+// DeviceTelemetry merges telemetry into the device's latest state.
+func (s *Station) DeviceTelemetry(ctx context.Context, deviceID string, t map[string]any) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec, ok := s.devices[deviceID]
+	if !ok {
+		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	}
+	now := s.clock.Now()
+	seen := now.UTC().Round(time.Millisecond)
+	rec.state.LastSeen = &seen
+	mergeTelemetry(rec.state.Telemetry, t)
+	s.touchLocked(rec, now)
+	return nil
+}
+
+// DeviceLocation records where a device says it is.
+func (s *Station) DeviceLocation(ctx context.Context, deviceID string, l Location) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec, ok := s.devices[deviceID]
+	if !ok {
+		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	}
+	now := s.clock.Now()
+	seen := now.UTC().Round(time.Millisecond)
+	rec.state.LastSeen = &seen
+	rec.state.Location = &l
+	s.touchLocked(rec, now)
+	return nil
+}
+
+// DeviceEvent appends a device's event to the log, durably, as a
+// device.event. It does not take the station's lock, so events from many
+// devices are committed together.
+func (s *Station) DeviceEvent(ctx context.Context, deviceID string, event []byte) error {
+	if _, ok := s.devices[deviceID]; !ok { // devices is not modified after NewStation
+		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	}
+	now := s.clock.Now()
+	_, err := s.store.Commit(ctx, Change{Events: []Event{s.event(now, EventDeviceEvent, DeviceEventData{DeviceID: deviceID, Event: event})}})
+	if err != nil {
+		return fmt.Errorf("device event: %w", err)
+	}
+	return nil
+}
+
+// DeviceAck matches a device's ack to the command it answers.
+func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.pending[a.CmdID]
+	if !ok || p.deviceID != deviceID {
+		s.log.Debug("ack for no pending command", "device", deviceID, "cmd", a.CmdID)
+		return nil
+	}
+	now := s.clock.Now()
+	rec := s.devices[deviceID]
+	switch p.kind {
+	case kindStart:
+		l := s.live[p.rentalID]
+		if l == nil || l.r.State != RentalStarting {
+			delete(s.pending, a.CmdID)
+			return nil
+		}
+		if !a.OK {
+			detail := a.Error
+			s.failStartLocked(ctx, now, l, ReasonDeviceError, detail)
+			return nil
+		}
+		r := l.r
+		r.State, r.StartedAt, r.EndsAt = RentalActive, now, now.Add(r.Duration)
+		r.StartCmdID, r.Used, r.CheckpointAt, r.CheckpointSynced = "", 0, now, s.clock.Synced()
+		ch := Change{Rentals: []Rental{r}, Events: []Event{
+			s.event(now, EventRentalResult, RentalResultData{RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: true}),
+			s.event(now, EventRentalStarted, RentalStartedData{
+				RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
+				StartedAt: now.UTC().Round(time.Millisecond), EndsAt: r.EndsAt.UTC().Round(time.Millisecond),
+				DurationS: seconds(r.Duration),
+			}),
+		}}
+		if err := s.commitLocked(ctx, ch); err != nil {
+			return err // the start stays pending; a timeout resolves it
+		}
+		delete(s.pending, a.CmdID)
+		l.r, l.base, l.baseUsed = r, now, 0
+		rec.state.Rental = &DeviceRental{RentalID: r.ID, RenterID: r.RenterID,
+			StartedAt: now.UTC().Round(time.Millisecond), EndsAt: r.EndsAt.UTC().Round(time.Millisecond)}
+		s.touchLocked(rec, now)
+		s.log.Info("rental started", "rental", r.ID, "device", deviceID, "duration_s", seconds(r.Duration))
+		s.poke()
+	case kindRenter:
+		delete(s.pending, a.CmdID)
+		reason := Reason("")
+		if !a.OK {
+			reason = ReasonDeviceError
+		}
+		detail := a.Error
+		if a.Code != 0 && detail == "" {
+			detail = fmt.Sprintf("code %d", a.Code)
+		}
+		return s.finishRenterLocked(ctx, now, p, a.OK, reason, detail)
+	default:
+		delete(s.pending, a.CmdID)
+		if !a.OK {
+			s.log.Warn("device refused command", "device", deviceID, "cmd", a.CmdID, "error", a.Error)
+		}
+	}
+	return nil
+}
+
+// DeviceStates returns a copy of every device's latest state, in config
+// order.
+func (s *Station) DeviceStates() []DeviceState {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]DeviceState, 0, len(s.order))
+	for _, id := range s.order {
+		out = append(out, s.devices[id].state.Clone())
+	}
+	return out
+}
+
+// Device returns one device's latest state. Errors: ENOTFOUND.
+func (s *Station) Device(id string) (DeviceState, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec, ok := s.devices[id]
+	if !ok {
+		return DeviceState{}, Errorf(ENOTFOUND, "no device %q", id)
+	}
+	return rec.state.Clone(), nil
+}
+
+// StatesChanged is signalled after any device state changes.
+func (s *Station) StatesChanged() <-chan struct{} { return s.changed }
+
+// SetMaintenance puts a device in or out of maintenance: in maintenance it
+// takes no new rental; a running one continues. Errors: ENOTFOUND.
+func (s *Station) SetMaintenance(ctx context.Context, id string, on bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	rec, ok := s.devices[id]
+	if !ok {
+		return Errorf(ENOTFOUND, "no device %q", id)
+	}
+	if rec.state.Maintenance != on {
+		rec.state.Maintenance = on
+		s.touchLocked(rec, s.clock.Now())
+		s.log.Info("maintenance", "device", id, "on", on)
+	}
+	return nil
+}
+
+// EndRental ends a starting or active rental for reason (operator for a
+// technician's request). Errors: ENOTFOUND when no such rental is running.
+func (s *Station) EndRental(ctx context.Context, rentalID string, reason Reason) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l, ok := s.live[rentalID]
+	if !ok {
+		return Errorf(ENOTFOUND, "no running rental %q", rentalID)
+	}
+	return s.endLocked(ctx, s.clock.Now(), l, reason)
+}
+
+// ActiveRentals returns the running rentals with their time used as of now,
+// in grant order.
+func (s *Station) ActiveRentals() []Rental {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.clock.Now()
+	out := make([]Rental, 0, len(s.live))
+	for _, l := range s.live {
+		r := l.r
+		r.Used = l.used(now)
+		out = append(out, r)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].GrantedAt.Before(out[j].GrantedAt) })
+	return out
+}
+
+var (
+	_ DeviceReporter = (*Station)(nil)
+	_ CloudHandler   = (*Station)(nil)
+	_ StateSource    = (*Station)(nil)
+)
