@@ -1,0 +1,635 @@
+package edged_test
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stationedge/edged"
+)
+
+var ctx = context.Background()
+
+// harness is a station on a fake store, clock and device link, with three
+// MQTT devices: chair-1, chair-2 and chair-3.
+type harness struct {
+	t     *testing.T
+	st    *edged.Station
+	store *memStore
+	clock *fakeClock
+	dev   *fakeDevices
+	key   ed25519.PrivateKey
+	opts  edged.StationOptions
+}
+
+func newHarness(t *testing.T, mod ...func(*edged.StationOptions)) *harness {
+	t.Helper()
+	h := &harness{t: t, store: newMemStore(), dev: &fakeDevices{},
+		clock: &fakeClock{now: time.Date(2026, 11, 27, 10, 0, 0, 0, time.UTC), synced: true}}
+	h.opts = edged.StationOptions{
+		ID: "mall-1", Store: h.store, Commander: h.dev, Clock: h.clock, StartTimeout: 5 * time.Second,
+		Devices: []edged.Device{
+			{ID: "chair-1", Kind: "chair", Transport: edged.TransportMQTT},
+			{ID: "chair-2", Kind: "chair", Transport: edged.TransportMQTT},
+			{ID: "chair-3", Kind: "chair", Transport: edged.TransportMQTT},
+		},
+	}
+	for _, m := range mod {
+		m(&h.opts)
+	}
+	h.restart()
+	return h
+}
+
+// restart builds a new Station on the same store, as after a crash.
+func (h *harness) restart() {
+	h.t.Helper()
+	st, err := edged.NewStation(h.opts)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if err := st.Open(ctx); err != nil {
+		h.t.Fatal(err)
+	}
+	h.st = st
+}
+
+func (h *harness) online(id string, status edged.Status) {
+	h.t.Helper()
+	if err := h.st.DeviceOnline(ctx, id, true); err != nil {
+		h.t.Fatal(err)
+	}
+	if err := h.st.DeviceState(ctx, id, edged.StateReport{Status: status}); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+func (h *harness) rental(msg map[string]any) {
+	h.t.Helper()
+	b, _ := json.Marshal(msg)
+	if err := h.st.Rental(ctx, b); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+func (h *harness) command(msg map[string]any) {
+	h.t.Helper()
+	b, _ := json.Marshal(msg)
+	if err := h.st.RenterCommand(ctx, b); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+func grant(id, dev, renter string, dur int) map[string]any {
+	return map[string]any{"op": "grant", "rental_id": id, "device_id": dev, "renter_id": renter, "duration_s": dur}
+}
+
+// ack answers the last command of the given action sent to dev.
+func (h *harness) ack(dev, action string, ok bool) edged.DeviceCommand {
+	h.t.Helper()
+	for _, s := range h.dev.take() {
+		if s.Device == dev && s.Cmd.Action == action {
+			if err := h.st.DeviceAck(ctx, dev, edged.CommandAck{CmdID: s.Cmd.CmdID, OK: ok}); err != nil {
+				h.t.Fatal(err)
+			}
+			return s.Cmd
+		}
+	}
+	h.t.Fatalf("no %s sent to %s", action, dev)
+	return edged.DeviceCommand{}
+}
+
+// since returns the events logged after seq.
+func (h *harness) since(seq uint64) []decoded {
+	evs, _ := h.store.Events(ctx, seq, 0)
+	return decode(h.t, evs)
+}
+
+func (h *harness) lastSeq() uint64 {
+	evs := h.store.all()
+	if len(evs) == 0 {
+		return 0
+	}
+	return evs[len(evs)-1].Seq
+}
+
+func (h *harness) tick(d time.Duration) {
+	h.clock.Advance(d)
+	h.st.Tick(ctx)
+}
+
+// results returns the rental.result and command.result reasons among evs,
+// "ok" for a success.
+func results(evs []decoded) []string {
+	var out []string
+	for _, e := range evs {
+		if e.Type != edged.EventRentalResult && e.Type != edged.EventCommandResult {
+			continue
+		}
+		if e.Data["ok"] == true {
+			out = append(out, "ok")
+		} else {
+			out = append(out, fmt.Sprint(e.Data["reason"]))
+		}
+	}
+	return out
+}
+
+func types(evs []decoded) []string {
+	var out []string
+	for _, e := range evs {
+		out = append(out, string(e.Type))
+	}
+	return out
+}
+
+func TestWholeOfflineRental(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	start := h.lastSeq()
+
+	h.rental(grant("r1", "chair-1", "alice", 600))
+	cmd := h.ack("chair-1", "start", true)
+	if cmd.DurationS != 600 || cmd.RentalID != "r1" || cmd.RenterID != "alice" {
+		t.Fatalf("start = %+v, want duration 600 for r1/alice", cmd)
+	}
+	st, _ := h.st.Device("chair-1")
+	if st.Rental == nil || st.Rental.RenterID != "alice" {
+		t.Fatalf("device rental = %+v, want alice's", st.Rental)
+	}
+
+	h.command(map[string]any{"cmd_id": "c1", "device_id": "chair-1", "renter_id": "alice", "action": "massage", "args": map[string]any{"level": 3}})
+	fwd := h.dev.take()
+	if len(fwd) != 1 || fwd[0].Cmd.Action != "massage" || string(fwd[0].Cmd.Args) != `{"level":3}` {
+		t.Fatalf("forwarded = %+v, want massage with args", fwd)
+	}
+	if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: "c1", OK: true}); err != nil {
+		t.Fatal(err)
+	}
+	h.command(map[string]any{"cmd_id": "c2", "device_id": "chair-1", "renter_id": "mallory", "action": "massage"})
+	if got := h.dev.take(); len(got) != 0 {
+		t.Fatalf("another renter's command reached the device: %+v", got)
+	}
+
+	h.tick(599 * time.Second)
+	if got := h.dev.take(); len(got) != 0 {
+		t.Fatalf("sent before the end: %+v", got)
+	}
+	h.tick(time.Second)
+	stops := h.dev.take()
+	if len(stops) != 1 || stops[0].Cmd.Action != "stop" {
+		t.Fatalf("at the end sent %+v, want one stop", stops)
+	}
+
+	evs := h.since(start)
+	want := []string{"rental.result", "rental.started", "command.result", "command.result", "rental.ended"}
+	if got := types(evs); strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("events = %v, want %v", got, want)
+	}
+	if got := results(evs); strings.Join(got, " ") != "ok ok not_renter" {
+		t.Fatalf("results = %v", got)
+	}
+	end := evs[len(evs)-1].Data
+	if end["reason"] != "expired" || end["used_s"] != 600.0 {
+		t.Fatalf("rental.ended = %v, want expired after 600 s", end)
+	}
+	for i, e := range h.since(0) {
+		if e.Seq != uint64(i+1) {
+			t.Fatalf("event %d has seq %d", i, e.Seq)
+		}
+	}
+}
+
+func TestRefusals(t *testing.T) {
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	signed := func(station string, m map[string]any) map[string]any {
+		rm := edged.RentalMessage{Op: m["op"].(string), RentalID: m["rental_id"].(string),
+			DeviceID: m["device_id"].(string), RenterID: m["renter_id"].(string)}
+		if d, ok := m["duration_s"].(int); ok {
+			rm.DurationS = int64(d)
+		}
+		if na, ok := m["not_after"].(string); ok {
+			rm.NotAfter = na
+		}
+		m["sig"] = edged.SignRental(priv, station, rm)
+		return m
+	}
+	past := "2026-11-27T09:00:00Z"
+	cases := []struct {
+		name   string
+		key    bool
+		setup  func(h *harness)
+		msg    func() map[string]any
+		want   string
+		unsync bool
+	}{
+		{name: "unknown device", msg: func() map[string]any { return grant("r", "nope", "a", 60) }, want: "unknown_device"},
+		{name: "offline", msg: func() map[string]any { return grant("r", "chair-2", "a", 60) }, want: "device_offline"},
+		{name: "busy with a rental", setup: func(h *harness) {
+			h.rental(grant("r0", "chair-1", "a", 60))
+		}, msg: func() map[string]any { return grant("r", "chair-1", "b", 60) }, want: "device_busy"},
+		{name: "busy in use", setup: func(h *harness) { h.online("chair-3", edged.StatusInUse) },
+			msg: func() map[string]any { return grant("r", "chair-3", "a", 60) }, want: "device_busy"},
+		{name: "fault", setup: func(h *harness) { h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusFault}) },
+			msg: func() map[string]any { return grant("r", "chair-1", "a", 60) }, want: "device_fault"},
+		{name: "maintenance", setup: func(h *harness) { h.st.SetMaintenance(ctx, "chair-1", true) },
+			msg: func() map[string]any { return grant("r", "chair-1", "a", 60) }, want: "maintenance"},
+		{name: "zero duration", msg: func() map[string]any { return grant("r", "chair-1", "a", 0) }, want: "invalid"},
+		{name: "slash in renter", msg: func() map[string]any { return grant("r", "chair-1", "a/b", 60) }, want: "invalid"},
+		{name: "plus in rental", msg: func() map[string]any { return grant("r+1", "chair-1", "a", 60) }, want: "invalid"},
+		{name: "hash in rental", msg: func() map[string]any { return grant("r#", "chair-1", "a", 60) }, want: "invalid"},
+		{name: "control char", msg: func() map[string]any { return grant("r\x01", "chair-1", "a", 60) }, want: "invalid"},
+		{name: "bad op", msg: func() map[string]any { m := grant("r", "chair-1", "a", 60); m["op"] = "steal"; return m }, want: "invalid"},
+		{name: "duration as string", msg: func() map[string]any { m := grant("r", "chair-1", "a", 60); m["duration_s"] = "60"; return m }, want: "invalid"},
+		{name: "fractional duration", msg: func() map[string]any { m := grant("r", "chair-1", "a", 60); m["duration_s"] = 1.5; return m }, want: "invalid"},
+		{name: "missing signature", key: true, msg: func() map[string]any { return grant("r", "chair-1", "a", 60) }, want: "bad_signature"},
+		{name: "wrong signature", key: true, msg: func() map[string]any {
+			m := signed("mall-1", grant("r", "chair-1", "a", 60))
+			m["duration_s"] = 6000
+			return m
+		}, want: "bad_signature"},
+		{name: "signed for another station", key: true, msg: func() map[string]any { return signed("mall-2", grant("r", "chair-1", "a", 60)) }, want: "bad_signature"},
+		{name: "signed ok", key: true, msg: func() map[string]any { return signed("mall-1", grant("r", "chair-1", "a", 60)) }, want: ""},
+		{name: "expired", msg: func() map[string]any { m := grant("r", "chair-1", "a", 60); m["not_after"] = past; return m }, want: "expired"},
+		{name: "expired not judged unsynced", unsync: true, msg: func() map[string]any {
+			m := grant("r", "chair-1", "a", 60)
+			m["not_after"] = past
+			return m
+		}, want: ""},
+		{name: "extend unknown", msg: func() map[string]any {
+			return map[string]any{"op": "extend", "rental_id": "zz", "device_id": "chair-1", "renter_id": "a", "duration_s": 60}
+		}, want: "no_rental"},
+		{name: "cancel by another renter", setup: func(h *harness) {
+			h.rental(grant("r0", "chair-1", "a", 60))
+			h.ack("chair-1", "start", true)
+		}, msg: func() map[string]any {
+			return map[string]any{"op": "cancel", "rental_id": "r0", "device_id": "chair-1", "renter_id": "b"}
+		}, want: "not_renter"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, func(o *edged.StationOptions) {
+				if tc.key {
+					o.VerifyKey = pub
+				}
+			})
+			h.clock.synced = !tc.unsync
+			h.online("chair-1", edged.StatusIdle)
+			if tc.setup != nil {
+				tc.setup(h)
+			}
+			seq := h.lastSeq()
+			h.rental(tc.msg())
+			got := results(h.since(seq))
+			if tc.want == "" {
+				if len(got) != 0 {
+					t.Fatalf("results = %v, want none before the ack", got)
+				}
+				h.ack("chair-1", "start", true)
+				got = results(h.since(seq))
+				if len(got) != 1 || got[0] != "ok" {
+					t.Fatalf("results = %v, want ok", got)
+				}
+				return
+			}
+			if len(got) != 1 || got[0] != tc.want {
+				t.Fatalf("results = %v, want [%s]", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestStartTimeoutAndDeviceError(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.online("chair-2", edged.StatusIdle)
+	seq := h.lastSeq()
+
+	h.rental(grant("r1", "chair-1", "a", 60))
+	h.dev.take()
+	h.tick(4 * time.Second)
+	if got := results(h.since(seq)); len(got) != 0 {
+		t.Fatalf("results before the timeout: %v", got)
+	}
+	h.tick(time.Second)
+	if got := results(h.since(seq)); strings.Join(got, " ") != "timeout" {
+		t.Fatalf("results = %v, want timeout", got)
+	}
+	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "stop" {
+		t.Fatalf("after timeout sent %+v, want stop", sent)
+	}
+
+	seq = h.lastSeq()
+	h.rental(grant("r2", "chair-2", "a", 60))
+	h.ack("chair-2", "start", false)
+	if got := results(h.since(seq)); strings.Join(got, " ") != "device_error" {
+		t.Fatalf("results = %v, want device_error", got)
+	}
+
+	// The device is free again for a new rental.
+	seq = h.lastSeq()
+	h.rental(grant("r3", "chair-1", "a", 60))
+	h.ack("chair-1", "start", true)
+	if got := results(h.since(seq)); strings.Join(got, " ") != "ok" {
+		t.Fatalf("results = %v, want ok", got)
+	}
+}
+
+func TestRenterCommands(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.online("chair-2", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 600))
+	h.ack("chair-1", "start", true)
+
+	cmd := func(id, dev, renter, action string) map[string]any {
+		return map[string]any{"cmd_id": id, "device_id": dev, "renter_id": renter, "action": action}
+	}
+	cases := []struct {
+		name string
+		msg  map[string]any
+		want string
+	}{
+		{"no rental", cmd("c1", "chair-2", "alice", "massage"), "no_rental"},
+		{"not renter", cmd("c2", "chair-1", "bob", "massage"), "not_renter"},
+		{"unknown device", cmd("c3", "ghost", "alice", "massage"), "unknown_device"},
+		{"start is the gateway's", cmd("c4", "chair-1", "alice", "start"), "unsupported"},
+		{"bad cmd id", cmd("c/5", "chair-1", "alice", "massage"), "invalid"},
+		{"not json", nil, "invalid"},
+	}
+	for _, tc := range cases {
+		seq := h.lastSeq()
+		if tc.msg == nil {
+			if err := h.st.RenterCommand(ctx, []byte("{nope")); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			h.command(tc.msg)
+		}
+		if got := results(h.since(seq)); strings.Join(got, " ") != tc.want {
+			t.Errorf("%s: results = %v, want %s", tc.name, got, tc.want)
+		}
+		if sent := h.dev.take(); len(sent) != 0 {
+			t.Errorf("%s: sent %+v to a device", tc.name, sent)
+		}
+	}
+
+	// A forwarded command the device never answers times out; one it
+	// refuses is a device_error.
+	seq := h.lastSeq()
+	h.command(cmd("c6", "chair-1", "alice", "massage"))
+	h.dev.take()
+	h.tick(5 * time.Second)
+	h.command(cmd("c7", "chair-1", "alice", "heat"))
+	h.ack("chair-1", "heat", false)
+	if got := results(h.since(seq)); strings.Join(got, " ") != "timeout device_error" {
+		t.Fatalf("results = %v, want timeout device_error", got)
+	}
+
+	// A redelivered command reports its result again without reaching the
+	// device twice.
+	seq = h.lastSeq()
+	h.command(cmd("c7", "chair-1", "alice", "heat"))
+	if got := results(h.since(seq)); strings.Join(got, " ") != "device_error" {
+		t.Fatalf("redelivery results = %v", got)
+	}
+	if sent := h.dev.take(); len(sent) != 0 {
+		t.Fatalf("redelivery reached the device: %+v", sent)
+	}
+
+	// "end" ends the rental early.
+	seq = h.lastSeq()
+	h.tick(10 * time.Second)
+	h.command(cmd("c8", "chair-1", "alice", "end"))
+	evs := h.since(seq)
+	if got := types(evs); strings.Join(got, " ") != "command.result rental.ended" {
+		t.Fatalf("events = %v", got)
+	}
+	if evs[1].Data["reason"] != "renter_ended" {
+		t.Fatalf("ended = %v, want renter_ended", evs[1].Data)
+	}
+	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "stop" {
+		t.Fatalf("after end sent %+v, want stop", sent)
+	}
+}
+
+func TestIdempotentRentalOps(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	g := grant("r1", "chair-1", "alice", 600)
+	h.rental(g)
+	h.rental(g) // redelivered while starting: nothing new
+	if sent := h.dev.take(); len(sent) != 1 {
+		t.Fatalf("starts sent = %d, want 1", len(sent))
+	} else if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: sent[0].Cmd.CmdID, OK: true}); err != nil {
+		t.Fatal(err)
+	}
+	seq := h.lastSeq()
+	h.rental(g) // redelivered after the start
+	if got := types(h.since(seq)); strings.Join(got, " ") != "rental.result" {
+		t.Fatalf("redelivered grant events = %v, want one rental.result", got)
+	}
+	if sent := h.dev.take(); len(sent) != 0 {
+		t.Fatalf("redelivered grant restarted the device: %+v", sent)
+	}
+
+	h.tick(100 * time.Second)
+	ext := map[string]any{"op": "extend", "rental_id": "r1", "device_id": "chair-1", "renter_id": "alice", "duration_s": 900}
+	seq = h.lastSeq()
+	h.rental(ext)
+	h.rental(ext)
+	evs := h.since(seq)
+	if got := types(evs); strings.Join(got, " ") != "rental.result rental.extended rental.result" {
+		t.Fatalf("extend twice events = %v", got)
+	}
+	if resync := h.dev.take(); len(resync) != 1 || resync[0].Cmd.Action != "start" || resync[0].Cmd.DurationS != 800 {
+		t.Fatalf("after extend sent %+v, want start with 800 s left", resync)
+	}
+
+	cancel := map[string]any{"op": "cancel", "rental_id": "r1", "device_id": "chair-1", "renter_id": "alice"}
+	seq = h.lastSeq()
+	h.rental(cancel)
+	h.rental(cancel)
+	evs = h.since(seq)
+	if got := types(evs); strings.Join(got, " ") != "rental.result rental.ended rental.result" {
+		t.Fatalf("cancel twice events = %v", got)
+	}
+	if evs[1].Data["reason"] != "cancelled" || evs[1].Data["used_s"] != 100.0 {
+		t.Fatalf("ended = %v", evs[1].Data)
+	}
+	if got := results(evs); strings.Join(got, " ") != "ok ok" {
+		t.Fatalf("cancel results = %v", got)
+	}
+	// A rejected grant re-reports its rejection, even once the reason is gone.
+	h.st.SetMaintenance(ctx, "chair-2", true)
+	g2 := grant("r2", "chair-2", "bob", 60)
+	h.rental(g2)
+	h.st.SetMaintenance(ctx, "chair-2", false)
+	h.online("chair-2", edged.StatusIdle)
+	seq = h.lastSeq()
+	h.rental(g2)
+	if got := results(h.since(seq)); strings.Join(got, " ") != "maintenance" {
+		t.Fatalf("redelivered rejected grant = %v", got)
+	}
+}
+
+func TestResumeAfterRestart(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 60))
+	h.ack("chair-1", "start", true)
+	for i := 0; i < 7; i++ {
+		h.tick(time.Second) // checkpoints at 3 s and 6 s
+	}
+	// Crash at 7 s; down for 10 s with a synchronized clock.
+	h.clock.Advance(10 * time.Second)
+	h.restart()
+	rs := h.st.ActiveRentals()
+	if len(rs) != 1 {
+		t.Fatalf("active after restart = %d", len(rs))
+	}
+	left := rs[0].Remaining(rs[0].Used)
+	// The downtime is measured from the last checkpoint (6 s) with the
+	// wall clock: 11 s, so the rental has 60 - 6 - 11 = 43 s left.
+	if left != 43*time.Second {
+		t.Fatalf("remaining after restart = %v, want 43 s", left)
+	}
+	// The device comes back and is told the time left.
+	h.online("chair-1", edged.StatusInUse)
+	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "start" || sent[0].Cmd.DurationS != 43 {
+		t.Fatalf("on return sent %+v, want start with 43 s", sent)
+	}
+	seq := h.lastSeq()
+	h.tick(42 * time.Second)
+	if got := types(h.since(seq)); len(got) != 0 {
+		t.Fatalf("ended early: %v", got)
+	}
+	h.tick(time.Second)
+	if got := types(h.since(seq)); strings.Join(got, " ") != "rental.ended" {
+		t.Fatalf("events = %v", got)
+	}
+
+	// Unsynchronized clock: downtime cannot be measured and is not charged.
+	h2 := newHarness(t)
+	h2.online("chair-1", edged.StatusIdle)
+	h2.rental(grant("r1", "chair-1", "alice", 60))
+	h2.ack("chair-1", "start", true)
+	h2.clock.synced = false
+	h2.tick(3 * time.Second)
+	h2.clock.Advance(time.Hour)
+	h2.restart()
+	rs = h2.st.ActiveRentals()
+	if left := rs[0].Remaining(rs[0].Used); left != 57*time.Second {
+		t.Fatalf("remaining = %v, want 57 s", left)
+	}
+}
+
+func TestPendingStartAtRestartTimesOut(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 60))
+	seq := h.lastSeq()
+	h.restart()
+	if got := results(h.since(seq)); strings.Join(got, " ") != "timeout" {
+		t.Fatalf("results = %v, want timeout", got)
+	}
+	h.dev.take()
+	h.online("chair-1", edged.StatusIdle)
+	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "stop" {
+		t.Fatalf("on return sent %+v, want stop", sent)
+	}
+}
+
+func TestOfflineDeviceKeepsRental(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 60))
+	h.ack("chair-1", "start", true)
+	h.st.DeviceOnline(ctx, "chair-1", false)
+	h.tick(30 * time.Second)
+	if len(h.st.ActiveRentals()) != 1 {
+		t.Fatal("rental ended when its device went offline")
+	}
+	h.tick(30 * time.Second)
+	if len(h.st.ActiveRentals()) != 0 {
+		t.Fatal("rental did not end on time while its device was offline")
+	}
+	if sent := h.dev.take(); len(sent) != 0 {
+		t.Fatalf("sent to an offline device: %+v", sent)
+	}
+	h.online("chair-1", edged.StatusInUse)
+	sent := h.dev.take()
+	if len(sent) == 0 || sent[0].Cmd.Action != "stop" {
+		t.Fatalf("on return sent %+v, want stop", sent)
+	}
+}
+
+func TestUnrentedUseAndFault(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	seq := h.lastSeq()
+	h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusInUse})
+	h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusInUse})
+	if got := types(h.since(seq)); strings.Join(got, " ") != "device.unrented_use" {
+		t.Fatalf("events = %v, want one device.unrented_use", got)
+	}
+	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "stop" {
+		t.Fatalf("sent %+v, want stop", sent)
+	}
+
+	h.online("chair-2", edged.StatusIdle)
+	h.rental(grant("r1", "chair-2", "alice", 60))
+	h.ack("chair-2", "start", true)
+	h.st.DeviceState(ctx, "chair-2", edged.StateReport{Status: edged.StatusInUse})
+	seq = h.lastSeq()
+	h.st.DeviceState(ctx, "chair-2", edged.StateReport{Status: edged.StatusFault, Fault: "motor"})
+	evs := h.since(seq)
+	if len(evs) != 1 || evs[0].Type != edged.EventRentalEnded || evs[0].Data["reason"] != "device_fault" {
+		t.Fatalf("events = %+v, want rental.ended device_fault", evs)
+	}
+	// Still reporting in_use just after its stop is not unrented use.
+	h.dev.take()
+	seq = h.lastSeq()
+	h.st.DeviceState(ctx, "chair-2", edged.StateReport{Status: edged.StatusInUse})
+	if got := types(h.since(seq)); len(got) != 0 {
+		t.Fatalf("events in the grace period = %v", got)
+	}
+}
+
+func TestOperatorEnd(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 60))
+	h.ack("chair-1", "start", true)
+	seq := h.lastSeq()
+	if err := h.st.EndRental(ctx, "r1", edged.ReasonOperator); err != nil {
+		t.Fatal(err)
+	}
+	evs := h.since(seq)
+	if len(evs) != 1 || evs[0].Data["reason"] != "operator" {
+		t.Fatalf("events = %+v", evs)
+	}
+	if err := h.st.EndRental(ctx, "r1", edged.ReasonOperator); edged.ErrorCode(err) != edged.ENOTFOUND {
+		t.Fatalf("second end: %v, want not found", err)
+	}
+}
+
+func TestStoreFailureIsNotAcknowledged(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.store.fail = edged.Errorf(edged.EUNAVAILABLE, "disk full")
+	b, _ := json.Marshal(grant("r1", "chair-1", "a", 60))
+	if err := h.st.Rental(ctx, b); err == nil {
+		t.Fatal("grant reported durable while the store refused it")
+	}
+	if sent := h.dev.take(); len(sent) != 0 {
+		t.Fatalf("device started without a durable grant: %+v", sent)
+	}
+	h.store.fail = nil
+	h.rental(grant("r1", "chair-1", "a", 60))
+	h.ack("chair-1", "start", true)
+}
