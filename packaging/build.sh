@@ -20,6 +20,8 @@ set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
 dist=${EDGED_DIST:-dist}
+mkdir -p "$dist"
+dist=$(cd "$dist" && pwd)
 arches=${EDGED_ARCHES:-amd64 arm64 armhf}
 
 # version maps git describe onto a Debian version that sorts correctly:
@@ -73,7 +75,7 @@ for arch in $arches; do
 	build="$dist/build/$arch"
 	rm -rf "$build"
 	mkdir -p "$build"
-	bin="$top/$build/edged"
+	bin="$build/edged"
 	flags=(-trimpath -ldflags "-s -w -buildid= -X main.version=$ver")
 	if [[ -n ${EDGED_MAIN_DIR:-} ]]; then
 		CGO_ENABLED=0 GOOS=linux GOARCH=$goarch GOARM=$goarm go -C "$EDGED_MAIN_DIR" build "${flags[@]}" -o "$bin" .
