@@ -122,6 +122,8 @@ in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRON
 # Modes and owners as the root's own passwd and group files name them.
 mode_owner() { in_root stat -c '%a %U:%G' "$1" 2>/dev/null; }
 config=/etc/edged/edged.yaml
+# pkg FIELD: one dpkg-query field of the edged package in the root.
+pkg() { in_root dpkg-query -W -f="\${$1}" edged; }
 
 # 3. Install.
 echo "== install $v1"
@@ -129,7 +131,7 @@ cp "$deb1" "$deb2" "$root/tmp/"
 in_root dpkg -i "/tmp/$(basename "$deb1")" </dev/null >"$work/install.log" 2>&1 ||
 	{ cat "$work/install.log"; die "dpkg -i $v1"; }
 pass "dpkg -i $v1"
-check "package state is installed" test "$(in_root dpkg-query -W -f='${Status} ${Version}' edged)" = "install ok installed $v1"
+check "package state is installed" test "$(pkg Status) $(pkg Version)" = "install ok installed $v1"
 
 pw=$(in_root getent passwd edged || true)
 IFS=: read -r _ _ uid _ _ home shell <<<"$pw"
@@ -144,7 +146,7 @@ check "/usr/bin/edged is 755 root:root" test "$(mode_owner /usr/bin/edged)" = "7
 check "$config is 640 root:edged" test "$(mode_owner $config)" = "640 root:edged"
 check "/var/lib/edged is 750 edged:edged" test "$(mode_owner /var/lib/edged)" = "750 edged:edged"
 check "unit is 644 root:root" test "$(mode_owner /lib/systemd/system/edged.service)" = "644 root:root"
-check "$config is a conffile" grep -q "$config" <(in_root dpkg-query -W -f='${Conffiles}' edged)
+check "$config is a conffile" grep -q "$config" <(pkg Conffiles)
 check "unit enabled (multi-user.target.wants link)" test -L "$root/etc/systemd/system/multi-user.target.wants/edged.service"
 check "man page and copyright installed" test -f "$root/usr/share/man/man1/edged.1.gz" -a -f "$root/usr/share/doc/edged/copyright"
 if out=$(in_root /usr/bin/edged version 2>&1) && [[ $out == *"$v1"* ]]; then
@@ -170,7 +172,7 @@ touch "$work/edged.log"
 run=(chroot --userspec=edged:edged --groups=dialout "$root"
 	env -i PATH=/usr/bin:/bin NOTIFY_SOCKET=/run/edged-test/notify.sock WATCHDOG_USEC=2000000
 	JOURNAL_STREAM="$(stat -c '%d:%i' "$work/edged.log")"
-	/usr/bin/edged -config $config)
+	/usr/bin/edged -config "$config")
 if command -v unshare >/dev/null && command -v ip >/dev/null && unshare --net true 2>/dev/null; then
 	unshare --net sh -c 'ip link set lo up && exec "$@"' sh "${run[@]}" >>"$work/edged.log" 2>&1 &
 else
@@ -239,9 +241,9 @@ check "config edited" grep -q 'name: "install test"' "$root$config"
 in_root dpkg -i "/tmp/$(basename "$deb2")" </dev/null >"$work/upgrade.log" 2>&1 ||
 	{ cat "$work/upgrade.log"; die "dpkg -i $v2"; }
 pass "dpkg -i $v2 (upgrade)"
-check "version is now $v2" test "$(in_root dpkg-query -W -f='${Version}' edged)" = "$v2"
+check "version is now $v2" test "$(pkg Version)" = "$v2"
 check "edited config kept" grep -q 'name: "install test"' "$root$config"
-check "no .dpkg-new/.dpkg-dist left beside the config" test -z "$(ls "$root/etc/edged" | grep -v '^edged.yaml$')"
+check "no .dpkg-new/.dpkg-dist left beside the config" test -z "$(find "$root/etc/edged" -mindepth 1 ! -name edged.yaml)"
 check "$config still 640 root:edged" test "$(mode_owner $config)" = "640 root:edged"
 check "state kept across upgrade" test "$(find "$root/var/lib/edged" -mindepth 1 | wc -l)" -eq "$state_files"
 check "unit still enabled" test -L "$root/etc/systemd/system/multi-user.target.wants/edged.service"
@@ -255,7 +257,7 @@ fi
 echo "== remove"
 in_root dpkg -r edged </dev/null >"$work/remove.log" 2>&1 || { cat "$work/remove.log"; die "dpkg -r"; }
 pass "dpkg -r edged"
-check "package state is config-files" test "$(in_root dpkg-query -W -f='${Status}' edged)" = "deinstall ok config-files"
+check "package state is config-files" test "$(pkg Status)" = "deinstall ok config-files"
 check "binary removed" test ! -e "$root/usr/bin/edged"
 check "unit removed" test ! -e "$root/lib/systemd/system/edged.service"
 check "config kept after remove" grep -q 'name: "install test"' "$root$config"
@@ -265,7 +267,7 @@ check "state kept after remove" test "$(find "$root/var/lib/edged" -mindepth 1 |
 echo "== purge"
 in_root dpkg -P edged </dev/null >"$work/purge.log" 2>&1 || { cat "$work/purge.log"; die "dpkg -P"; }
 pass "dpkg -P edged"
-check "package unknown to dpkg" test -z "$(in_root dpkg-query -W -f='${Status}' edged 2>/dev/null)"
+check "package unknown to dpkg" test -z "$(pkg Status 2>/dev/null)"
 check "/var/lib/edged removed on purge" test ! -e "$root/var/lib/edged"
 check "/etc/edged removed on purge" test ! -e "$root/etc/edged"
 check "no unit links left" test -z "$(find "$root/etc/systemd" -name 'edged*' 2>/dev/null)"
