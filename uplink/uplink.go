@@ -1,0 +1,458 @@
+// Package uplink is edged's link to the cloud MQTT broker (contract §3): it
+// drains the event log upstream in seq order, at least once; publishes the
+// latest state of each device, coalesced; keeps the gateway's presence
+// retained; and hands rental messages and renter commands from the cloud to
+// the station, acknowledging each only once the station has made it
+// durable.
+//
+// The station's store is the source of truth, never paho's in-memory
+// queue: every connection gets a fresh paho client with AutoReconnect off,
+// and after any loss the uplink resends from the oldest event whose PUBACK
+// it has not seen. docs/uplink.md explains the decisions.
+package uplink
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/url"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/stationedge/edged"
+)
+
+// Config is what the uplink needs: the uplink section of the configuration
+// file, the station's identity and the station-side interfaces it drains
+// and feeds.
+type Config struct {
+	edged.UplinkConfig
+	StationID, StationName string
+	StationLocation        *edged.Location
+
+	// Outbox is the event log to drain; States the device states to
+	// publish; Handler receives the cloud's rentals and renter commands.
+	// All three are required when URL is set.
+	Outbox  edged.Outbox
+	States  edged.StateSource
+	Handler edged.CloudHandler
+
+	// Clock gives started_at and the outbox's oldest age; nil means
+	// edged.SystemClock{}.
+	Clock edged.Clock
+	// Logger is scoped by the uplink ("system"="uplink"); nil discards.
+	Logger *slog.Logger
+	// StartedAt is when edged started, for the gateway's presence; zero
+	// means when New is called.
+	StartedAt time.Time
+}
+
+// States of the uplink, as on the status page (§7).
+const (
+	StateConnected  = "connected"
+	StateConnecting = "connecting"
+	StateDisabled   = "disabled"
+)
+
+// Status describes the uplink for the status page and /api/v1/status.
+type Status struct {
+	State string `json:"state"`
+	// ConnectedSince is when the current connection came up; zero unless
+	// connected.
+	ConnectedSince time.Time         `json:"connected_since,omitzero"`
+	Outbox         edged.OutboxStats `json:"outbox"`
+	// LastAckedSeq is the highest seq the cloud broker has acknowledged
+	// (PUBACK) and the outbox has released.
+	LastAckedSeq uint64 `json:"last_acked_seq"`
+	// Reconnects counts connections made after the first one.
+	Reconnects int `json:"reconnects"`
+	// LastError is the last connection or delivery error; it stays after
+	// the link recovers, as a hint for the technician.
+	LastError string `json:"last_error,omitempty"`
+}
+
+// Defaults for zero values of edged.UplinkConfig, as in edged.DefaultConfig.
+const (
+	defaultTopicRoot    = "stations"
+	defaultKeepAlive    = 30 * time.Second
+	defaultReconnectMax = 60 * time.Second
+	defaultWindow       = 64
+)
+
+// Uplink is the cloud connection. Create it with New, run it with Run;
+// Status may be called from any goroutine.
+type Uplink struct {
+	cfg      Config
+	log      *slog.Logger
+	clock    edged.Clock
+	broker   string      // URL with a default port filled in
+	tls      *tls.Config // nil for tcp:// and ws://
+	clientID string
+	topics   topics
+
+	runMu sync.Mutex // held by Run: one Run at a time
+
+	// Owned by Run's goroutine (sessions run one after another).
+	pubacked      uint64 // highest seq PUBACKed: the next session resends after it
+	hadConnection bool
+
+	mu             sync.Mutex
+	state          string
+	connectedSince time.Time
+	lastAcked      uint64
+	reconnects     int
+	lastErr        string
+}
+
+// topics are the uplink's MQTT topics, R/S/...
+type topics struct {
+	gateway, events, devicePrefix, downRentals, downCommands string
+}
+
+// New checks cfg (the URL and its scheme, the TLS files) and returns an
+// uplink ready to Run. With no URL the uplink is disabled: Run only waits
+// (offline-only operation is a supported mode).
+func New(cfg Config) (*Uplink, error) {
+	u := &Uplink{cfg: cfg, state: StateConnecting}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	u.log = cfg.Logger.With("system", "uplink")
+	u.clock = cfg.Clock
+	if u.clock == nil {
+		u.clock = edged.SystemClock{}
+	}
+	if u.cfg.StartedAt.IsZero() {
+		u.cfg.StartedAt = u.clock.Now()
+	}
+	c := &u.cfg.UplinkConfig
+	if c.URL == "" {
+		u.state = StateDisabled
+		return u, nil
+	}
+	if !edged.ValidStationID(cfg.StationID) {
+		return nil, edged.Errorf(edged.EINVALID, "uplink: %q is not a station id", cfg.StationID)
+	}
+	if cfg.Outbox == nil || cfg.States == nil || cfg.Handler == nil {
+		return nil, edged.Errorf(edged.EINVALID, "uplink: Outbox, States and Handler are required")
+	}
+	if c.TopicRoot == "" {
+		c.TopicRoot = defaultTopicRoot
+	}
+	if c.KeepAlive <= 0 {
+		c.KeepAlive = defaultKeepAlive
+	}
+	if c.KeepAlive < time.Second {
+		return nil, edged.Errorf(edged.EINVALID, "uplink: keepalive must be at least 1s")
+	}
+	if c.ReconnectMax <= 0 {
+		c.ReconnectMax = defaultReconnectMax
+	}
+	if c.Window <= 0 {
+		c.Window = defaultWindow
+	}
+	if c.Window > 65535 {
+		return nil, edged.Errorf(edged.EINVALID, "uplink: window must be at most 65535")
+	}
+	u.clientID = c.ClientID
+	if u.clientID == "" {
+		u.clientID = "edged-" + cfg.StationID
+	}
+
+	broker, secure, err := brokerURL(c.URL)
+	if err != nil {
+		return nil, err
+	}
+	u.broker = broker
+	if secure {
+		if u.tls, err = tlsConfig(c); err != nil {
+			return nil, err
+		}
+		if c.InsecureSkipVerify {
+			u.log.Warn("server certificate verification is off (uplink.insecure_skip_verify)", "url", redact(broker))
+		}
+	} else if c.CAFile != "" || c.CertFile != "" {
+		return nil, edged.Errorf(edged.EINVALID, "uplink: ca_file, cert_file and key_file need a tls://, ssl:// or wss:// url")
+	}
+
+	r := c.TopicRoot + "/" + cfg.StationID
+	u.topics = topics{
+		gateway:      r + "/gateway",
+		events:       r + "/up/events",
+		devicePrefix: r + "/up/devices/",
+		downRentals:  r + "/down/rentals",
+		downCommands: r + "/down/commands",
+	}
+	return u, nil
+}
+
+// brokerURL checks the scheme and fills in the default port, so an operator
+// may write tls://mqtt.example.com.
+func brokerURL(raw string) (broker string, secure bool, err error) {
+	p, err := url.Parse(raw)
+	if err != nil || p.Host == "" {
+		return "", false, edged.Errorf(edged.EINVALID, "uplink: url %q is not scheme://host[:port]", redact(raw))
+	}
+	ports := map[string]string{
+		"tcp": "1883", "mqtt": "1883", "ws": "80",
+		"ssl": "8883", "tls": "8883", "mqtts": "8883", "wss": "443",
+	}
+	port, ok := ports[p.Scheme]
+	if !ok {
+		return "", false, edged.Errorf(edged.EINVALID, "uplink: url scheme must be tcp, ssl, tls, ws or wss")
+	}
+	if p.User != nil {
+		return "", false, edged.Errorf(edged.EINVALID, "uplink: put credentials in uplink.username and uplink.password, not the url")
+	}
+	if p.Port() == "" {
+		p.Host = net.JoinHostPort(p.Hostname(), port)
+	}
+	secure = p.Scheme == "ssl" || p.Scheme == "tls" || p.Scheme == "mqtts" || p.Scheme == "wss"
+	return p.String(), secure, nil
+}
+
+// redact drops anything after the host, in case a path carries a token.
+func redact(raw string) string {
+	if p, err := url.Parse(raw); err == nil {
+		return p.Scheme + "://" + p.Host
+	}
+	return "(unparsable url)"
+}
+
+// tlsConfig builds the client's TLS settings: system roots unless ca_file,
+// a client certificate when cert_file and key_file are set.
+func tlsConfig(c *edged.UplinkConfig) (*tls.Config, error) {
+	t := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: c.InsecureSkipVerify}
+	if c.CAFile != "" {
+		pem, err := os.ReadFile(c.CAFile)
+		if err != nil {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: ca_file: %v", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: ca_file %s holds no PEM certificate", c.CAFile)
+		}
+		t.RootCAs = pool
+	}
+	if (c.CertFile == "") != (c.KeyFile == "") {
+		return nil, edged.Errorf(edged.EINVALID, "uplink: cert_file and key_file go together")
+	}
+	if c.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(c.CertFile, c.KeyFile)
+		if err != nil {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: client certificate: %v", err)
+		}
+		t.Certificates = []tls.Certificate{cert}
+	}
+	return t, nil
+}
+
+// Status returns the uplink's state for the status page.
+func (u *Uplink) Status() Status {
+	u.mu.Lock()
+	s := Status{
+		State:          u.state,
+		ConnectedSince: u.connectedSince,
+		LastAckedSeq:   u.lastAcked,
+		Reconnects:     u.reconnects,
+		LastError:      u.lastErr,
+	}
+	u.mu.Unlock()
+	if u.cfg.Outbox != nil {
+		s.Outbox = u.cfg.Outbox.OutboxStats(u.clock.Now())
+	}
+	return s
+}
+
+// Run keeps the uplink connected until ctx ends, reconnecting with
+// exponential backoff and jitter (capped at ReconnectMax). It returns nil
+// when ctx is cancelled; it never gives up on its own.
+func (u *Uplink) Run(ctx context.Context) error {
+	if !u.runMu.TryLock() {
+		return edged.Errorf(edged.ECONFLICT, "uplink: already running")
+	}
+	defer u.runMu.Unlock()
+	if u.cfg.URL == "" {
+		u.log.Info("no uplink url: offline-only operation")
+		<-ctx.Done()
+		return nil
+	}
+
+	acks := newAcker(u)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); acks.run(ctx) }()
+	defer wg.Wait()
+
+	attempt := 0
+	for {
+		s := newSession(u, acks)
+		up, err := s.run(ctx)
+		if ctx.Err() != nil {
+			u.setDisconnected()
+			return nil
+		}
+		u.setDisconnected()
+		u.setError(err)
+		if up >= stableAfter {
+			attempt = 0
+		}
+		delay := backoff(attempt, u.cfg.ReconnectMax)
+		attempt++
+		if up > 0 {
+			u.log.Warn("uplink lost", "err", err, "was_up", up.Round(time.Millisecond), "retry_in", delay.Round(time.Millisecond))
+		} else {
+			u.log.Warn("uplink connect failed", "err", err, "retry_in", delay.Round(time.Millisecond))
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// stableAfter is how long a connection must last for the backoff to start
+// again from its first step; a broker that accepts and then drops us at
+// once (say, another gateway with our client id) is not hammered.
+const stableAfter = 10 * time.Second
+
+// backoff returns the delay before reconnect attempt n (from 0): 500 ms
+// doubling up to max, with jitter so that stations that lost the same broker
+// do not return together.
+func backoff(n int, max time.Duration) time.Duration {
+	d := 500 * time.Millisecond
+	for i := 0; i < n && d < max; i++ {
+		d *= 2
+	}
+	if d > max {
+		d = max
+	}
+	return d/2 + rand.N(d/2+1)
+}
+
+func (u *Uplink) setConnected(since time.Time, reconnect bool) {
+	u.mu.Lock()
+	u.state = StateConnected
+	u.connectedSince = since
+	if reconnect {
+		u.reconnects++
+	}
+	u.mu.Unlock()
+}
+
+func (u *Uplink) setDisconnected() {
+	u.mu.Lock()
+	u.state = StateConnecting
+	u.connectedSince = time.Time{}
+	u.mu.Unlock()
+}
+
+func (u *Uplink) setError(err error) {
+	if err == nil {
+		return
+	}
+	u.mu.Lock()
+	u.lastErr = err.Error()
+	u.mu.Unlock()
+}
+
+func (u *Uplink) setAcked(seq uint64) {
+	u.mu.Lock()
+	if seq > u.lastAcked {
+		u.lastAcked = seq
+	}
+	u.mu.Unlock()
+}
+
+// acker releases PUBACKed events from the outbox in batches, off the
+// publishing path: a bbolt commit per PUBACK would cap the drain at a few
+// hundred events a second. An event PUBACKed but not yet released is sent
+// again after a restart, which at-least-once allows.
+type acker struct {
+	u       *Uplink
+	mu      sync.Mutex
+	pending []uint64
+	wake    chan struct{}
+}
+
+func newAcker(u *Uplink) *acker {
+	return &acker{u: u, wake: make(chan struct{}, 1)}
+}
+
+// add queues seqs for release; it never blocks.
+func (a *acker) add(seqs ...uint64) {
+	a.mu.Lock()
+	a.pending = append(a.pending, seqs...)
+	a.mu.Unlock()
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (a *acker) run(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			// Release what the broker has acknowledged, briefly, so a
+			// clean stop does not resend it.
+			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			a.flush(fctx)
+			cancel()
+			return
+		case <-a.wake:
+		}
+		if err := a.flush(ctx); err != nil && ctx.Err() == nil {
+			a.u.log.Error("outbox ack failed", "err", err)
+			a.u.setError(fmt.Errorf("outbox ack: %w", err))
+			t := time.NewTimer(time.Second)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+			select { // retry
+			case a.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+func (a *acker) flush(ctx context.Context) error {
+	a.mu.Lock()
+	seqs := a.pending
+	a.pending = nil
+	a.mu.Unlock()
+	if len(seqs) == 0 {
+		return nil
+	}
+	if err := a.u.cfg.Outbox.Ack(ctx, seqs...); err != nil {
+		a.mu.Lock()
+		a.pending = append(seqs, a.pending...)
+		a.mu.Unlock()
+		return err
+	}
+	max := uint64(0)
+	for _, s := range seqs {
+		max = maxU(max, s)
+	}
+	a.u.setAcked(max)
+	return nil
+}
+
+func maxU(a, b uint64) uint64 {
+	if a > b {
+		return a
+	}
+	return b
+}
