@@ -1,0 +1,241 @@
+package store
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"slices"
+
+	"github.com/stationedge/edged"
+	bolt "go.etcd.io/bbolt"
+)
+
+// Rental returns a rental by id. Errors: ENOTFOUND, EUNAVAILABLE.
+func (db *DB) Rental(ctx context.Context, id string) (edged.Rental, error) {
+	var r edged.Rental
+	err := db.get(ctx, bucketRentals, id, "rental", &r)
+	return r, err
+}
+
+// Command returns a renter command's record. Errors: ENOTFOUND, EUNAVAILABLE.
+func (db *DB) Command(ctx context.Context, cmdID string) (edged.CommandRecord, error) {
+	var r edged.CommandRecord
+	err := db.get(ctx, bucketCommands, cmdID, "command", &r)
+	return r, err
+}
+
+func (db *DB) get(ctx context.Context, bucket []byte, id, what string, dst any) error {
+	if err := ctxErr(ctx); err != nil {
+		return err
+	}
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucket).Get([]byte(id))
+		if v == nil {
+			return &edged.Error{Code: edged.ENOTFOUND, Message: what + " " + id + " not found"}
+		}
+		if err := json.Unmarshal(v, dst); err != nil {
+			return internalErr("decode "+what, err)
+		}
+		return nil
+	})
+	return storeErr("read "+what, err)
+}
+
+// Rentals returns the rentals in the given states (all when none are given),
+// newest grant first, at most limit (0: no limit). Rentals are few (ended
+// ones leave after Retention), so it scans them. Errors: EUNAVAILABLE.
+func (db *DB) Rentals(ctx context.Context, limit int, states ...edged.RentalState) ([]edged.Rental, error) {
+	if err := ctxErr(ctx); err != nil {
+		return nil, err
+	}
+	var out []edged.Rental
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		out = out[:0]
+		return tx.Bucket(bucketRentals).ForEach(func(_, v []byte) error {
+			var r edged.Rental
+			if err := json.Unmarshal(v, &r); err != nil {
+				return internalErr("decode rental", err)
+			}
+			if len(states) == 0 || slices.Contains(states, r.State) {
+				out = append(out, r)
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, storeErr("read rentals", err)
+	}
+	slices.SortFunc(out, func(a, b edged.Rental) int {
+		if c := b.GrantedAt.Compare(a.GrantedAt); c != 0 {
+			return c
+		}
+		return cmp.Compare(b.ID, a.ID)
+	})
+	if limit > 0 && len(out) > limit {
+		out = out[:limit]
+	}
+	return out, nil
+}
+
+// recordBatch bounds the records one retention transaction deletes.
+const recordBatch = 1000
+
+// pruneRecords deletes ended and rejected rentals and done command records
+// older than Retention, a bounded number per transaction.
+func (db *DB) pruneRecords() error {
+	cutoff := db.opts.Now().Add(-db.opts.Retention)
+	rentalOld := func(v []byte) bool {
+		var r edged.Rental
+		if json.Unmarshal(v, &r) != nil {
+			return false
+		}
+		if r.State != edged.RentalEnded && r.State != edged.RentalRejected {
+			return false
+		}
+		at := r.EndedAt
+		if at.IsZero() {
+			at = r.GrantedAt
+		}
+		return at.Before(cutoff)
+	}
+	commandOld := func(v []byte) bool {
+		var r edged.CommandRecord
+		if json.Unmarshal(v, &r) != nil {
+			return false
+		}
+		return r.Done && r.At.Before(cutoff)
+	}
+	if err := db.pruneBucket(bucketRentals, rentalOld); err != nil {
+		return err
+	}
+	return db.pruneBucket(bucketCommands, commandOld)
+}
+
+func (db *DB) pruneBucket(bucket []byte, old func(v []byte) bool) error {
+	for range 100 {
+		n := 0
+		err := db.update("prune "+string(bucket), func(tx *bolt.Tx) error {
+			n = 0
+			b := tx.Bucket(bucket)
+			var keys [][]byte
+			c := b.Cursor()
+			for k, v := c.First(); k != nil && len(keys) < recordBatch; k, v = c.Next() {
+				if old(v) {
+					keys = append(keys, append([]byte(nil), k...))
+				}
+			}
+			for _, k := range keys {
+				if err := b.Delete(k); err != nil {
+					return err
+				}
+			}
+			n = len(keys)
+			if n == 0 {
+				return errNoop
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		if n < recordBatch {
+			return nil
+		}
+	}
+	return nil
+}
+
+// SaveDeviceState records the latest state of a device in memory; the
+// background loop writes it within FlushInterval, and Close writes it.
+func (db *DB) SaveDeviceState(s edged.DeviceState) {
+	c := s.Clone()
+	db.devMu.Lock()
+	db.devVer++
+	db.devBuf[s.DeviceID] = bufferedState{state: c, ver: db.devVer}
+	db.devMu.Unlock()
+}
+
+// DeviceStates returns the last saved state of every device, the buffered
+// ones included, ordered by device id. Errors: EUNAVAILABLE.
+func (db *DB) DeviceStates(ctx context.Context) ([]edged.DeviceState, error) {
+	if err := ctxErr(ctx); err != nil {
+		return nil, err
+	}
+	// Copy the buffer before reading the file: a buffered state is never
+	// older than the saved one, and a flush racing with this call moves an
+	// entry from the buffer to the file, so it is seen in one or the other.
+	db.devMu.Lock()
+	buffered := make([]edged.DeviceState, 0, len(db.devBuf))
+	for _, b := range db.devBuf {
+		buffered = append(buffered, b.state.Clone())
+	}
+	db.devMu.Unlock()
+	byID := make(map[string]edged.DeviceState)
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		clear(byID)
+		return tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
+			var s edged.DeviceState
+			if err := json.Unmarshal(v, &s); err != nil {
+				return internalErr("decode device state", err)
+			}
+			byID[string(k)] = s
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, storeErr("read device states", err)
+	}
+	for _, s := range buffered {
+		byID[s.DeviceID] = s
+	}
+	out := make([]edged.DeviceState, 0, len(byID))
+	for _, s := range byID {
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b edged.DeviceState) int { return cmp.Compare(a.DeviceID, b.DeviceID) })
+	return out, nil
+}
+
+// flushDevices writes the buffered device states in one transaction and
+// forgets those not saved again meanwhile.
+func (db *DB) flushDevices() error {
+	db.devMu.Lock()
+	if len(db.devBuf) == 0 {
+		db.devMu.Unlock()
+		return nil
+	}
+	pending := make(map[string]bufferedState, len(db.devBuf))
+	for id, b := range db.devBuf {
+		pending[id] = b
+	}
+	db.devMu.Unlock()
+
+	vals := make(map[string][]byte, len(pending))
+	for id, b := range pending {
+		v, err := json.Marshal(b.state)
+		if err != nil {
+			return internalErr("encode device state", err)
+		}
+		vals[id] = v
+	}
+	err := db.update("flush device states", func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketDevices)
+		for id, v := range vals {
+			if err := b.Put([]byte(id), v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	db.devMu.Lock()
+	for id, b := range pending {
+		if cur, ok := db.devBuf[id]; ok && cur.ver == b.ver {
+			delete(db.devBuf, id)
+		}
+	}
+	db.devMu.Unlock()
+	return nil
+}
