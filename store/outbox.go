@@ -169,7 +169,9 @@ func pruneLogTx(tx *bolt.Tx, st *state, cutoff uint64) (int, error) {
 // retention, writing nothing when there is nothing to prune.
 func (db *DB) pruneLog() error {
 	for range 64 {
-		done := true
+		if s := db.snapshot(); s.LogFrom > db.logCutoff(s.state) {
+			return nil
+		}
 		var snap *snapshot
 		err := db.update("prune event log", func(tx *bolt.Tx) error {
 			snap = nil
@@ -177,14 +179,9 @@ func (db *DB) pruneLog() error {
 			if err != nil {
 				return err
 			}
-			n, err := pruneLogTx(tx, &st, db.logCutoff(st))
-			if err != nil {
+			if _, err := pruneLogTx(tx, &st, db.logCutoff(st)); err != nil {
 				return err
 			}
-			if n == 0 {
-				return errNoop
-			}
-			done = false
 			if err := writeState(tx, &st); err != nil {
 				return err
 			}
@@ -196,9 +193,6 @@ func (db *DB) pruneLog() error {
 			return err
 		}
 		db.apply(snap)
-		if done {
-			return nil
-		}
 	}
 	return nil
 }

@@ -113,32 +113,42 @@ func (db *DB) pruneRecords() error {
 
 func (db *DB) pruneBucket(bucket []byte, old func(v []byte) bool) error {
 	for range 100 {
-		n := 0
-		err := db.update("prune "+string(bucket), func(tx *bolt.Tx) error {
-			n = 0
-			b := tx.Bucket(bucket)
-			var keys [][]byte
-			c := b.Cursor()
+		// Find the candidates in a read transaction, so that a pass with
+		// nothing to prune writes nothing.
+		var keys [][]byte
+		err := db.bolt.View(func(tx *bolt.Tx) error {
+			keys = keys[:0]
+			c := tx.Bucket(bucket).Cursor()
 			for k, v := c.First(); k != nil && len(keys) < recordBatch; k, v = c.Next() {
 				if old(v) {
 					keys = append(keys, append([]byte(nil), k...))
 				}
 			}
+			return nil
+		})
+		if err != nil {
+			return storeErr("read "+string(bucket), err)
+		}
+		if len(keys) == 0 {
+			return nil
+		}
+		err = db.update("prune "+string(bucket), func(tx *bolt.Tx) error {
+			b := tx.Bucket(bucket)
 			for _, k := range keys {
+				// A commit may have revived the record since.
+				if v := b.Get(k); v == nil || !old(v) {
+					continue
+				}
 				if err := b.Delete(k); err != nil {
 					return err
 				}
-			}
-			n = len(keys)
-			if n == 0 {
-				return errNoop
 			}
 			return nil
 		})
 		if err != nil {
 			return err
 		}
-		if n < recordBatch {
+		if len(keys) < recordBatch {
 			return nil
 		}
 	}

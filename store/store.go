@@ -383,18 +383,13 @@ func (db *DB) maintain() {
 	}
 }
 
-// errNoop rolls back a transaction that found nothing to do: bbolt would
-// otherwise write and fsync a meta page for an empty commit.
-var errNoop = errors.New("nothing to write")
-
 // update runs a write transaction, records the outcome for Healthy and
-// returns an *edged.Error. A function returning errNoop writes nothing.
+// returns an *edged.Error. Callers check for work first (in memory or in a
+// read transaction): with NoFreelistSync, rolling a write transaction back
+// rescans the whole file for free pages, and committing an empty one still
+// writes and fsyncs a meta page.
 func (db *DB) update(op string, fn func(tx *bolt.Tx) error) error {
-	err := db.bolt.Update(fn)
-	if errors.Is(err, errNoop) {
-		return nil
-	}
-	err = storeErr(op, err)
+	err := storeErr(op, db.bolt.Update(fn))
 	db.setHealth(err)
 	return err
 }
