@@ -76,7 +76,7 @@ for arch in $arches; do
 	rm -rf "$build"
 	mkdir -p "$build"
 	bin="$build/edged"
-	flags=(-trimpath -ldflags "-s -w -buildid= -X main.version=$ver")
+	flags=(-trimpath -ldflags "-s -w -buildid= -X github.com/stationedge/edged.Version=$ver")
 	if [[ -n ${EDGED_MAIN_DIR:-} ]]; then
 		CGO_ENABLED=0 GOOS=linux GOARCH=$goarch GOARM=$goarm go -C "$EDGED_MAIN_DIR" build "${flags[@]}" -o "$bin" .
 	else
