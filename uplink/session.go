@@ -150,7 +150,7 @@ func (s *session) goodbye(client mqtt.Client) {
 func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 	u := s.u
 	sub := client.SubscribeMultiple(map[string]byte{u.topics.downRentals: 1, u.topics.downCommands: 1}, nil)
-	if err := wait(ctx, sub, u.ackTimeout()); err != nil {
+	if err := s.wait(ctx, sub, u.ackTimeout()); err != nil {
 		return fmt.Errorf("subscribe: %w", err)
 	}
 	for topic, code := range sub.(*mqtt.SubscribeToken).Result() {
@@ -456,6 +456,27 @@ func (s *session) onMessage(_ mqtt.Client, m mqtt.Message) {
 		return
 	}
 	m.Ack()
+}
+
+// wait is the package's wait that also ends when the session is lost.
+func (s *session) wait(ctx context.Context, tok mqtt.Token, timeout time.Duration) error {
+	select {
+	case err := <-s.lost:
+		return err
+	case <-tok.Done():
+		return tok.Error()
+	default:
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 1)
+	go func() { errc <- wait(ctx, tok, timeout) }()
+	select {
+	case err := <-s.lost:
+		return err
+	case err := <-errc:
+		return err
+	}
 }
 
 // wait waits for a paho token, ctx or a timeout, whichever comes first.

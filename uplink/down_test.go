@@ -1,0 +1,120 @@
+package uplink
+
+import (
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/stationedge/edged"
+	"github.com/stationedge/edged/internal/faultproxy"
+)
+
+const (
+	rentalsTopic  = "stations/st-1/down/rentals"
+	commandsTopic = "stations/st-1/down/commands"
+)
+
+// TestDownWhileCut: a grant and a command published while the station's
+// link is cut wait at the broker (persistent session) and reach the
+// station, in order, once the link is back.
+func TestDownWhileCut(t *testing.T) {
+	m := startMosquitto(t, "")
+	p, err := faultproxy.New(m.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	c := newCloud(t, m.addr, "nothing/here")
+	s := newStation()
+	u, err := New(s.config(t, "tcp://"+p.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runUplink(t, u)
+	waitFor(t, 5*time.Second, "connected", func() bool { return u.Status().State == StateConnected })
+
+	c.publish(rentalsTopic, `{"op":"grant","rental_id":"r0"}`)
+	waitFor(t, 5*time.Second, "a grant while connected", func() bool { r, _, _ := s.handler.snapshot(); return len(r) == 1 })
+
+	p.Cut()
+	waitFor(t, 5*time.Second, "the cut noticed", func() bool { return u.Status().State != StateConnected })
+	grants := []string{`{"op":"grant","rental_id":"r1"}`, `{"op":"grant","rental_id":"r2"}`}
+	for _, g := range grants {
+		c.publish(rentalsTopic, g)
+	}
+	c.publish(commandsTopic, `{"cmd_id":"c1"}`)
+	time.Sleep(300 * time.Millisecond)
+	if r, _, _ := s.handler.snapshot(); len(r) != 1 {
+		t.Fatalf("got %d rentals while cut, want 1", len(r))
+	}
+
+	p.Restore()
+	waitFor(t, 10*time.Second, "the grants after restore", func() bool {
+		r, cmds, _ := s.handler.snapshot()
+		return len(r) == 3 && len(cmds) == 1
+	})
+	rentals, cmds, _ := s.handler.snapshot()
+	if diff := cmp.Diff(append([]string{`{"op":"grant","rental_id":"r0"}`}, grants...), rentals); diff != "" {
+		t.Errorf("rentals (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff([]string{`{"cmd_id":"c1"}`}, cmds); diff != "" {
+		t.Errorf("commands (-want +got):\n%s", diff)
+	}
+}
+
+// TestDownRedelivery: a message the station could not make durable is not
+// acknowledged and comes back; once stored it is acknowledged and does not
+// come back on the next connection.
+func TestDownRedelivery(t *testing.T) {
+	m := startMosquitto(t, "")
+	p, err := faultproxy.New(m.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	c := newCloud(t, m.addr, "nothing/here")
+	s := newStation()
+	s.handler.fail = func(call int, payload []byte) error {
+		if call <= 2 {
+			return edged.Errorf(edged.EUNAVAILABLE, "disk refused the write")
+		}
+		return nil
+	}
+	u, err := New(s.config(t, "tcp://"+p.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runUplink(t, u)
+	waitFor(t, 5*time.Second, "connected", func() bool { return u.Status().State == StateConnected })
+
+	c.publish(commandsTopic, `{"cmd_id":"c1"}`)
+	c.publish(commandsTopic, `{"cmd_id":"c2"}`)
+	waitFor(t, 15*time.Second, "both commands stored", func() bool { _, cmds, _ := s.handler.snapshot(); return len(cmds) == 2 })
+	_, cmds, calls := s.handler.snapshot()
+	if diff := cmp.Diff([]string{`{"cmd_id":"c1"}`, `{"cmd_id":"c2"}`}, cmds); diff != "" {
+		t.Errorf("commands (-want +got):\n%s", diff)
+	}
+	if calls != 4 {
+		t.Errorf("handler calls: got %d, want 4 (two failures, then c1 and c2)", calls)
+	}
+	waitFor(t, 5*time.Second, "connected", func() bool { return u.Status().State == StateConnected })
+	st := u.Status()
+	if st.Reconnects < 1 {
+		t.Errorf("reconnects: got %d, want at least 1", st.Reconnects)
+	}
+	if st.LastError == "" {
+		t.Errorf("LastError is empty after handler failures")
+	}
+
+	// Acknowledged: a new connection brings nothing back.
+	time.Sleep(200 * time.Millisecond) // let the PUBACKs reach the broker
+	p.Cut()
+	waitFor(t, 5*time.Second, "the cut noticed", func() bool { return u.Status().State != StateConnected })
+	p.Restore()
+	waitFor(t, 5*time.Second, "reconnected", func() bool { return u.Status().State == StateConnected })
+	time.Sleep(500 * time.Millisecond)
+	if _, _, got := s.handler.snapshot(); got != calls {
+		t.Errorf("handler calls after a reconnect: got %d, want %d (nothing redelivered)", got, calls)
+	}
+}
+
