@@ -26,6 +26,8 @@ const (
 	// bcrypt: long enough to absorb a reconnect storm, short enough that a
 	// leaked session of the process memory ages out.
 	authCacheTTL = 10 * time.Minute
+	// wrongCacheTTL is how long a refused secret is refused without bcrypt.
+	wrongCacheTTL = time.Minute
 	// authWait bounds how long a CONNECT waits for a bcrypt slot before it
 	// is refused as busy.
 	authWait = 5 * time.Second
@@ -42,6 +44,9 @@ type secrets struct {
 
 	mu    sync.Mutex
 	cache map[string]cachedSecret // device id -> last verified secret
+	// wrong remembers each device's last refused secret for a while, so
+	// a misconfigured device retrying in a loop costs no bcrypt either.
+	wrong map[string]cachedSecret
 }
 
 type cachedSecret struct {
@@ -58,6 +63,7 @@ func newSecrets(hashes map[string][]byte, parallel int) *secrets {
 		slots:  make(chan struct{}, parallel),
 		now:    time.Now,
 		cache:  make(map[string]cachedSecret),
+		wrong:  make(map[string]cachedSecret),
 	}
 }
 
@@ -76,9 +82,13 @@ func (s *secrets) check(ctx context.Context, id string, password []byte) error {
 	now := s.now()
 	s.mu.Lock()
 	c, hit := s.cache[id]
+	w, miss := s.wrong[id]
 	s.mu.Unlock()
 	if hit && now.Before(c.expires) && subtle.ConstantTimeCompare(c.sum[:], sum[:]) == 1 {
 		return nil
+	}
+	if miss && now.Before(w.expires) && subtle.ConstantTimeCompare(w.sum[:], sum[:]) == 1 {
+		return errWrongSecret
 	}
 
 	ctx, cancel := context.WithTimeout(ctx, authWait)
@@ -91,6 +101,9 @@ func (s *secrets) check(ctx context.Context, id string, password []byte) error {
 	err := bcrypt.CompareHashAndPassword(hash, password)
 	<-s.slots
 	if err != nil {
+		s.mu.Lock()
+		s.wrong[id] = cachedSecret{sum: sum, expires: now.Add(wrongCacheTTL)}
+		s.mu.Unlock()
 		return errWrongSecret
 	}
 	s.mu.Lock()

@@ -3,8 +3,18 @@ package local
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
+	"math/big"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -95,7 +105,7 @@ func TestPublishACL(t *testing.T) {
 		{"$SYS/broker/version", `{"a":1}`},
 	}
 	for _, proto := range []string{"v3", "v5"} {
-		for _, qos := range []byte{0, 1} {
+		for _, qos := range []byte{0, 1, 2} {
 			t.Run(proto+"/qos"+string('0'+qos), func(t *testing.T) {
 				e := start(t, nil)
 				b := connectV3(t, e.addr, "dev-b", secretB)
@@ -120,7 +130,7 @@ func TestPublishACL(t *testing.T) {
 					a = c
 					pub = func(topic string, payload []byte) {
 						rc := c.publish(t, topic, qos, payload)
-						if want := map[byte]byte{0: 0, 1: 0x87}[qos]; rc != want {
+						if want := map[byte]byte{0: 0, 1: 0x87, 2: 0}[qos]; rc != want {
 							t.Errorf("publish on %s: reason %#x, want %#x", topic, rc, want)
 						}
 					}
@@ -634,13 +644,13 @@ func TestSecretsCache(t *testing.T) {
 		t.Fatalf("wrong secret: %v", err)
 	}
 	if len(s.cache) != 0 {
-		t.Fatal("a wrong secret was cached")
+		t.Fatal("a wrong secret was cached as right")
 	}
 	if err := s.check(ctx, "dev-a", []byte(secretA)); err != nil {
 		t.Fatal(err)
 	}
 	// With the hash made unusable, only the cache can say yes.
-	s.hashes["dev-a"] = []byte("$2a$10$invalidinvalidinvalidinvalidinvalidinvalidinvalidinva")
+	s.hashes["dev-a"] = []byte("$2a$04$invalidinvalidinvalidinvalidinvalidinvalidinvalidinva")
 	if err := s.check(ctx, "dev-a", []byte(secretA)); err != nil {
 		t.Errorf("cached secret: %v", err)
 	}
@@ -676,4 +686,70 @@ func TestNewRejectsBadConfig(t *testing.T) {
 			t.Errorf("%s: New accepted it", tt.name)
 		}
 	}
+}
+
+func TestTLSListener(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := writeSelfSigned(t, dir)
+	e := start(t, func(c *Config) {
+		c.TLSListen, c.TLSCertFile, c.TLSKeyFile = "127.0.0.1:0", certFile, keyFile
+	})
+	tlsAddr := e.b.tracked[1].Addr().String()
+	pool := x509.NewCertPool()
+	certPEM, err := os.ReadFile(certFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool.AppendCertsFromPEM(certPEM)
+	o := pahov3.NewClientOptions().AddBroker("tls://" + tlsAddr).
+		SetClientID("dev-a").SetUsername("dev-a").SetPassword(secretA).SetProtocolVersion(4).
+		SetAutoReconnect(false).SetConnectTimeout(testWaitPeriod).
+		SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "localhost"})
+	c := pahov3.NewClient(o)
+	if tok := c.Connect(); !tok.WaitTimeout(testWaitPeriod) || tok.Error() != nil {
+		t.Fatalf("tls connect: %v", tok.Error())
+	}
+	defer c.Disconnect(0)
+	tok := c.Publish("devices/dev-a/events", 1, false, []byte(`{"type":"over_tls"}`))
+	if !tok.WaitTimeout(testWaitPeriod) || tok.Error() != nil {
+		t.Fatalf("publish: %v", tok.Error())
+	}
+	if got := e.rep.Calls("event"); len(got) != 1 {
+		t.Errorf("events: %v", got)
+	}
+}
+
+func writeSelfSigned(t *testing.T, dir string) (certFile, keyFile string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "localhost"},
+		DNSNames:              []string{"localhost"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return certFile, keyFile
 }
