@@ -25,6 +25,9 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 	if err := validChange(c); err != nil {
 		return nil, err
 	}
+	if len(c.Rentals)+len(c.Commands)+len(c.Events) == 0 {
+		return []edged.Event{}, nil
+	}
 	rentals := make([][]byte, len(c.Rentals))
 	for i, r := range c.Rentals {
 		v, err := json.Marshal(r)
