@@ -17,7 +17,7 @@
 set -euo pipefail
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cache=${EDGED_CACHE:-$HOME/.cache/edged}
+cache=${EDGED_CACHE:-${HOME:-/root}/.cache/edged}
 rootfs_tar="$cache/bookworm-rootfs.tar"
 mirror=${EDGED_MIRROR:-http://deb.debian.org/debian}
 start=$SECONDS
