@@ -1,0 +1,258 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/stationedge/edged"
+	"github.com/stationedge/edged/local"
+	"github.com/stationedge/edged/serial"
+	"github.com/stationedge/edged/store"
+	"github.com/stationedge/edged/systemd"
+	"github.com/stationedge/edged/uplink"
+)
+
+// Main is the running daemon: it builds the pieces from the config,
+// connects them, and closes them in reverse order of start.
+type Main struct {
+	Config edged.Config
+	Logger *slog.Logger
+	// Clock, when set, replaces the system clock (tests).
+	Clock edged.Clock
+	// LocalListener, when set, replaces local.listen (tests use :0).
+	LocalListener net.Listener
+
+	StartedAt time.Time
+	Store     *store.DB
+	Station   *edged.Station
+	Broker    *local.Broker
+	Buses     []*serial.Bus
+	Uplink    *uplink.Uplink
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	closed sync.Once
+}
+
+// NewMain returns a daemon for cfg.
+func NewMain(cfg edged.Config, logger *slog.Logger) *Main {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	return &Main{Config: cfg, Logger: logger}
+}
+
+// Run opens the store, restores the station, starts the local broker, the
+// serial buses and the rental clock, and tells systemd it is ready. It
+// returns once edged is serving; Close stops it.
+func (m *Main) Run(ctx context.Context) error {
+	cfg := m.Config
+	log := m.Logger
+	m.StartedAt = time.Now()
+	if m.Clock == nil {
+		m.Clock = edged.SystemClock{AssumeSynced: cfg.Clock.AssumeSynced, Sync: kernelClockSynced}
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+	db, err := store.Open(filepath.Join(cfg.DataDir, "edged.db"), store.Options{
+		OutboxMaxBytes: int64(cfg.Uplink.OutboxMaxMB) << 20,
+		Logger:         log.With("system", "store"),
+	})
+	if err != nil {
+		return fmt.Errorf("open store: %w", err)
+	}
+	m.Store = db
+
+	var verifyKey []byte
+	if cfg.Rentals.VerifyKey != "" {
+		k, err := edged.ParseVerifyKey(cfg.Rentals.VerifyKey)
+		if err != nil {
+			return fmt.Errorf("rentals.verify_key: %w", err)
+		}
+		verifyKey = k
+	}
+	router := &commandRouter{links: map[string]edged.Commander{}}
+	st, err := edged.NewStation(edged.StationOptions{
+		ID: cfg.Station.ID, Devices: cfg.Devices, Store: db, Commander: router, Clock: m.Clock,
+		VerifyKey: verifyKey, StartTimeout: cfg.Rentals.StartTimeout,
+		Logger: log.With("system", "rentals"),
+	})
+	if err != nil {
+		return err
+	}
+	if err := st.Open(ctx); err != nil {
+		return fmt.Errorf("restore station: %w", err)
+	}
+	m.Station = st
+
+	broker, err := local.New(local.Config{
+		Listen: cfg.Local.Listen, TLSListen: cfg.Local.TLSListen,
+		TLSCertFile: cfg.Local.TLSCertFile, TLSKeyFile: cfg.Local.TLSKeyFile,
+		WSListen: cfg.Local.WSListen, Listener: m.LocalListener,
+		MaxPacketKB: cfg.Local.MaxPacketKB, MaxClients: cfg.Local.MaxClients,
+		Devices: cfg.Devices, Reporter: st, Logger: log.With("system", "local"),
+	})
+	if err != nil {
+		return fmt.Errorf("local broker: %w", err)
+	}
+	m.Broker = broker
+	for _, d := range cfg.Devices {
+		if d.Transport == edged.TransportMQTT {
+			router.links[d.ID] = broker
+		}
+	}
+
+	runCtx, cancel := context.WithCancel(context.Background())
+	m.cancel = cancel
+	for _, b := range cfg.Serial.Buses {
+		var devs []edged.Device
+		for _, d := range cfg.Devices {
+			if d.Transport == edged.TransportSerial && d.Bus == b.Name {
+				devs = append(devs, d)
+			}
+		}
+		bus, err := serial.NewBus(serial.Config{
+			Bus: b, Devices: devs, Profiles: cfg.Profiles, Reporter: st,
+			Logger: log.With("system", "serial", "bus", b.Name),
+		})
+		if err != nil {
+			return fmt.Errorf("serial bus %s: %w", b.Name, err)
+		}
+		m.Buses = append(m.Buses, bus)
+		for _, d := range devs {
+			router.links[d.ID] = bus
+		}
+		m.goRun(runCtx, "serial "+b.Name, bus.Run)
+	}
+	if err := broker.Start(runCtx); err != nil {
+		return fmt.Errorf("local broker: %w", err)
+	}
+	m.goRun(runCtx, "rentals", st.Run)
+
+	up, err := uplink.New(uplink.Config{
+		UplinkConfig: cfg.Uplink, StationID: cfg.Station.ID, StationName: cfg.Station.Name,
+		StationLocation: cfg.Station.Location, Outbox: db, States: st, Handler: st,
+		Clock: m.Clock, Logger: log.With("system", "uplink"), StartedAt: m.StartedAt,
+	})
+	if err != nil {
+		return fmt.Errorf("uplink: %w", err)
+	}
+	m.Uplink = up
+	m.goRun(runCtx, "uplink", up.Run)
+	m.goRun(runCtx, "systemd", func(ctx context.Context) error {
+		systemd.Watchdog(ctx, m.Healthy)
+		return nil
+	})
+	m.goRun(runCtx, "status", m.reportStatus)
+
+	log.Info("edged serving", "version", edged.Version, "station", cfg.Station.ID,
+		"devices", len(cfg.Devices), "local", broker.Addr().String(), "data_dir", cfg.DataDir,
+		"uplink", cfg.Uplink.URL != "")
+	if err := systemd.Ready(); err != nil {
+		log.Warn("notify systemd", "err", err)
+	}
+	return nil
+}
+
+// goRun runs fn in a goroutine Close waits for.
+func (m *Main) goRun(ctx context.Context, name string, fn func(context.Context) error) {
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		if err := fn(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			m.Logger.Error("subsystem stopped", "system", name, "err", err)
+		}
+	}()
+}
+
+// Healthy is nil while the store is writable and the broker is serving:
+// what /healthz and the systemd watchdog check.
+func (m *Main) Healthy() error {
+	if m.Store == nil || m.Broker == nil {
+		return errors.New("starting")
+	}
+	if err := m.Store.Healthy(); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	if !m.Broker.Serving() {
+		return errors.New("local broker is not serving")
+	}
+	return nil
+}
+
+// reportStatus keeps systemd's STATUS= line current.
+func (m *Main) reportStatus(ctx context.Context) error {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	last := ""
+	for {
+		online := 0
+		for _, d := range m.Station.DeviceStates() {
+			if d.Online {
+				online++
+			}
+		}
+		s := fmt.Sprintf("%d/%d devices online, %d rentals, uplink %s",
+			online, len(m.Config.Devices), len(m.Station.ActiveRentals()), m.uplinkState())
+		if s != last {
+			_ = systemd.Status(s)
+			last = s
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func (m *Main) uplinkState() string {
+	if m.Uplink == nil {
+		return uplink.StateDisabled
+	}
+	return m.Uplink.Status().State
+}
+
+// Close stops everything in reverse order of start; it may be called more
+// than once.
+func (m *Main) Close() error {
+	var errs []error
+	m.closed.Do(func() {
+		if m.cancel != nil {
+			m.cancel()
+		}
+		if m.Broker != nil {
+			if err := m.Broker.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("close local broker: %w", err))
+			}
+		}
+		m.wg.Wait()
+		if m.Store != nil {
+			if err := m.Store.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("close store: %w", err))
+			}
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// commandRouter sends each device's commands over its own link.
+type commandRouter struct {
+	links map[string]edged.Commander // written before the station runs
+}
+
+func (r *commandRouter) Send(ctx context.Context, id string, c edged.DeviceCommand) error {
+	l, ok := r.links[id]
+	if !ok {
+		return &edged.Error{Code: edged.ENOTFOUND, Reason: edged.ReasonUnknownDevice, Message: "no link to device " + id}
+	}
+	return l.Send(ctx, id, c)
+}

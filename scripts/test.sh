@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every test of edged, installing what the tests need when it is
+# missing (Debian's mosquitto, chromium, debootstrap, lintian). It is the
+# README's test command and what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v chromium >/dev/null || need+=(chromium)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+command -v lintian >/dev/null || need+=(lintian)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+if [ ${#need[@]} -gt 0 ]; then
+	echo "installing ${need[*]}"
+	sudo_cmd=()
+	[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+	"${sudo_cmd[@]}" apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin"
+
+echo "== go test -race ./..."
+go test -race -count=1 -timeout 15m ./...
+
+echo "== packaging: build the .debs and run the install test"
+bash packaging/install-test.sh
