@@ -187,8 +187,11 @@ func (db *DB) drop(tx *bolt.Tx, st *state, like edged.Event, res *commitResult) 
 	low := db.opts.OutboxMaxBytes * lowWaterPercent / 100
 	ob, ev := tx.Bucket(bucketOutbox), tx.Bucket(bucketEvents)
 	var d edged.OutboxDroppedData
+	// Events Pending handed out may be on their way to the cloud: dropping
+	// one would count it both delivered and dropped, so they are kept.
+	from := max(st.DropFrom, db.handed.Load()+1)
 	cur := ob.Cursor()
-	k, v := cur.Seek(u64(st.DropFrom))
+	k, v := cur.Seek(u64(from))
 	for k != nil && st.Bytes > low && st.DropBytes > 0 {
 		en := decodeEntry(v)
 		seq := seqOf(k)
@@ -214,10 +217,15 @@ func (db *DB) drop(tx *bolt.Tx, st *state, like edged.Event, res *commitResult) 
 		// Deleting under a cursor may skip keys: seek again.
 		k, v = cur.Seek(u64(seq + 1))
 	}
-	if k == nil {
-		st.DropFrom = st.Seq + 1
-	} else {
-		st.DropFrom = seqOf(k)
+	// Every queued event below DropFrom is kept. Handed-out events are kept
+	// only for this process's life (after a restart they are droppable
+	// again), so DropFrom stays put when the scan skipped them.
+	if from == st.DropFrom {
+		if k == nil {
+			st.DropFrom = st.Seq + 1
+		} else {
+			st.DropFrom = seqOf(k)
+		}
 	}
 	if d.Count == 0 {
 		return nil
@@ -299,6 +307,6 @@ func (db *DB) warnOverQuota(bytes int64) {
 		return
 	}
 	db.lastOverWarn = now
-	db.logger.Warn("outbox over quota with nothing left to drop: rental and command events are kept",
+	db.logger.Warn("outbox over quota with nothing left to drop: rental, command and in-flight events are kept",
 		"bytes", bytes, "quota_bytes", db.opts.OutboxMaxBytes)
 }

@@ -47,8 +47,12 @@
 // outbox.dropped. Its range may then include seqs that were kept; count is
 // the number actually dropped. Events returned by Pending are never
 // rewritten, because the cloud deduplicates by seq and would keep the first
-// version. Rental and command events are never dropped: when only they
-// remain, the outbox exceeds its quota and a warning is logged.
+// version. For the same reason an event Pending has handed out is not
+// dropped while this process runs: it may already be in the cloud, and
+// counting it as dropped too would break the accounting. (After a crash, the
+// few events the previous process had in flight are droppable again.)
+// Rental and command events are never dropped: when only events that are
+// kept remain, the outbox exceeds its quota and a warning is logged.
 //
 // # Log and retention
 //

@@ -830,3 +830,79 @@ func TestClosedStore(t *testing.T) {
 		t.Errorf("Healthy after Close = %v, want unavailable", err)
 	}
 }
+
+// TestQuotaAccountingSeenByConsumer floods a tiny outbox while a consumer
+// drains it like the uplink, keeping the first version of each seq as the
+// cloud does: every seq must be received or counted as dropped.
+func TestQuotaAccountingSeenByConsumer(t *testing.T) {
+	db := openTest(t, "", Options{OutboxMaxBytes: 2 << 10})
+	ctx := context.Background()
+	const n = 600
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range n {
+			e := deviceEvent(i)
+			if i%97 == 0 {
+				e = rentalEvent(fmt.Sprint(i))
+			}
+			if _, err := db.Commit(ctx, edged.Change{Events: []edged.Event{e}}); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	received := make(map[uint64]edged.Event)
+	var after uint64
+	drain := func() {
+		evs, err := db.Pending(ctx, after, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range evs {
+			if _, ok := received[e.Seq]; !ok {
+				received[e.Seq] = e
+			}
+			after = e.Seq
+		}
+		if err := db.Ack(ctx, seqs(evs)...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		case <-time.After(10 * time.Millisecond):
+			drain()
+		}
+	}
+	for range 1000 {
+		drain()
+	}
+	last := db.OutboxStats(t0).LastSeq
+	var counted, missing uint64
+	for _, e := range received {
+		if e.Type == edged.EventOutboxDropped {
+			var d edged.OutboxDroppedData
+			if err := json.Unmarshal(e.Data, &d); err != nil {
+				t.Fatal(err)
+			}
+			counted += d.Count
+		}
+	}
+	for s := uint64(1); s <= last; s++ {
+		if _, ok := received[s]; !ok {
+			missing++
+		}
+	}
+	if counted != missing {
+		t.Errorf("received outbox.dropped events count %d dropped, but %d of %d seqs never arrived", counted, missing, last)
+	}
+	if missing == 0 {
+		t.Errorf("nothing was dropped: the test does not exercise the quota")
+	}
+	if got := db.OutboxStats(t0).Dropped; got != missing {
+		t.Errorf("OutboxStats.Dropped = %d, want %d", got, missing)
+	}
+}
