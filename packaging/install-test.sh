@@ -219,6 +219,7 @@ else
 	fail "edged exited $rc on SIGTERM"
 fi
 daemon_pid=""
+check "edged sent STOPPING=1 on SIGTERM" grep -q 'STOPPING=1' "$work/notify.log"
 kill "$helper_pid" 2>/dev/null || true
 wait "$helper_pid" 2>/dev/null || true
 helper_pid=""
