@@ -15,6 +15,7 @@
 #   EDGED_MAIN_DIR  passed to build.sh (build from another main package)
 #   KEEP=1          keep the work directory for a post-mortem
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${EDGED_CACHE:-${HOME:-/root}/.cache/edged}
