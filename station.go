@@ -59,6 +59,7 @@ type Station struct {
 	wake    chan struct{}
 
 	mu             sync.Mutex
+	stats          StationStats
 	devices        map[string]*deviceRecord
 	order          []string
 	live           map[string]*liveRental // starting and active rentals by id
@@ -235,6 +236,9 @@ func (s *Station) Open(ctx context.Context) error {
 		if _, err := s.store.Commit(ctx, ch); err != nil {
 			return fmt.Errorf("resume rentals: %w", err)
 		}
+		for _, e := range ch.Events {
+			s.countLocked(e)
+		}
 	}
 	s.expireLocked(ctx, now)
 	return nil
@@ -375,7 +379,71 @@ func (s *Station) commitLocked(ctx context.Context, ch Change) error {
 	if _, err := s.store.Commit(ctx, ch); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
+	for _, e := range ch.Events {
+		s.countLocked(e)
+	}
 	return nil
+}
+
+// StationStats counts what the station decided since it started, for
+// metrics.
+type StationStats struct {
+	// Results counts rental.result events by reason, "ok" for successes.
+	Results map[string]uint64
+	Started uint64
+	// Ended counts rental.ended events by reason.
+	Ended map[Reason]uint64
+	// Commands counts command.result events by reason, "ok" for successes.
+	Commands    map[string]uint64
+	UnrentedUse uint64
+}
+
+func (s *Station) countLocked(e Event) {
+	if s.stats.Results == nil {
+		s.stats.Results, s.stats.Ended, s.stats.Commands = map[string]uint64{}, map[Reason]uint64{}, map[string]uint64{}
+	}
+	var d struct {
+		OK     bool   `json:"ok"`
+		Reason Reason `json:"reason"`
+	}
+	switch e.Type {
+	case EventRentalResult, EventCommandResult:
+		_ = json.Unmarshal(e.Data, &d)
+		key := string(d.Reason)
+		if d.OK {
+			key = "ok"
+		}
+		if e.Type == EventRentalResult {
+			s.stats.Results[key]++
+		} else {
+			s.stats.Commands[key]++
+		}
+	case EventRentalStarted:
+		s.stats.Started++
+	case EventRentalEnded:
+		_ = json.Unmarshal(e.Data, &d)
+		s.stats.Ended[d.Reason]++
+	case EventUnrentedUse:
+		s.stats.UnrentedUse++
+	}
+}
+
+// Stats returns a copy of the station's counters.
+func (s *Station) Stats() StationStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := StationStats{Started: s.stats.Started, UnrentedUse: s.stats.UnrentedUse,
+		Results: map[string]uint64{}, Ended: map[Reason]uint64{}, Commands: map[string]uint64{}}
+	for k, v := range s.stats.Results {
+		c.Results[k] = v
+	}
+	for k, v := range s.stats.Ended {
+		c.Ended[k] = v
+	}
+	for k, v := range s.stats.Commands {
+		c.Commands[k] = v
+	}
+	return c
 }
 
 // send delivers a command, logging failures: the caller decides what a

@@ -197,6 +197,10 @@ func TestWholeOfflineRental(t *testing.T) {
 	if end["reason"] != "expired" || end["used_s"] != 600.0 {
 		t.Fatalf("rental.ended = %v, want expired after 600 s", end)
 	}
+	stats := h.st.Stats()
+	if stats.Started != 1 || stats.Ended[edged.ReasonExpired] != 1 || stats.Results["ok"] != 1 || stats.Commands["not_renter"] != 1 {
+		t.Fatalf("stats = %+v", stats)
+	}
 	for i, e := range h.since(0) {
 		if e.Seq != uint64(i+1) {
 			t.Fatalf("event %d has seq %d", i, e.Seq)

@@ -146,7 +146,14 @@ func (m *Main) Run(ctx context.Context) error {
 		return fmt.Errorf("uplink: %w", err)
 	}
 	m.Uplink = up
-	m.goRun(runCtx, "uplink", up.Run)
+	if cfg.Uplink.URL != "" {
+		m.goRun(runCtx, "uplink", up.Run)
+	} else {
+		// Offline-only: there is no cloud to deliver to. Events stay in the
+		// log for the status page, but not in a queue that would grow
+		// past its quota with rental events it may never drop.
+		m.goRun(runCtx, "outbox", func(ctx context.Context) error { return releaseOutbox(ctx, db) })
+	}
 	m.goRun(runCtx, "systemd", func(ctx context.Context) error {
 		systemd.Watchdog(ctx, m.Healthy)
 		return nil
@@ -242,6 +249,35 @@ func (m *Main) Close() error {
 		}
 	})
 	return errors.Join(errs...)
+}
+
+// releaseOutbox acknowledges every queued event as it is appended: what
+// offline-only operation does with the outbox.
+func releaseOutbox(ctx context.Context, o edged.Outbox) error {
+	var after uint64
+	for {
+		evs, err := o.Pending(ctx, after, 1000)
+		if err != nil {
+			return err
+		}
+		if len(evs) > 0 {
+			seqs := make([]uint64, len(evs))
+			for i, e := range evs {
+				seqs[i] = e.Seq
+			}
+			if err := o.Ack(ctx, seqs...); err != nil {
+				return err
+			}
+			after = seqs[len(seqs)-1]
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-o.Notify():
+		case <-time.After(10 * time.Second):
+		}
+	}
 }
 
 // commandRouter sends each device's commands over its own link.

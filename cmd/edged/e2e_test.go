@@ -195,3 +195,18 @@ func TestDeviceEventsAreDurableBeforeAck(t *testing.T) {
 		}
 	}
 }
+
+func TestOfflineOnlyKeepsNoQueue(t *testing.T) {
+	s := startStation(t, testConfig(t, "chair-1"))
+	chair := s.device("chair-1")
+	for i := 0; i < 10; i++ {
+		if err := chair.Publish("events", map[string]any{"type": "tick"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "outbox released", func() bool { return s.m.Store.OutboxStats(time.Now()).Events == 0 })
+	evs, _ := s.m.Store.Events(ctx, 0, 0)
+	if len(evs) < 10 {
+		t.Fatalf("log has %d events, want the 10 device events kept", len(evs))
+	}
+}
