@@ -82,6 +82,7 @@ type Bus struct {
 	byID     map[string]*device
 	charTime time.Duration // one character on the wire
 	silence  time.Duration // the 3.5-character gap between frames
+	quiet    time.Duration // a silence that ends a reply
 
 	// Timing knobs; tests shorten them before Run.
 	maxBackoff  time.Duration
@@ -179,6 +180,9 @@ func NewBus(cfg Config) (*Bus, error) {
 	}
 	b.charTime = CharTime(bc)
 	b.silence = FrameGap(bc)
+	// Ten characters, and 20 ms for USB adapters that hand over bytes in
+	// batches (an FTDI chip's latency timer is 16 ms).
+	b.quiet = 10*b.charTime + 20*time.Millisecond
 	plans := map[string]*plan{}
 	units := map[int]bool{}
 	for _, d := range cfg.Devices {
@@ -362,7 +366,7 @@ func (b *Bus) popCommand() *command {
 // runner is the state of one Run: the port and its reopening.
 type runner struct {
 	*Bus
-	port        Port
+	port        *reader
 	reopenAt    time.Time
 	reopenDelay time.Duration
 	openFailed  bool
@@ -385,8 +389,8 @@ func (r *runner) openPort() {
 	}
 	r.log.Info("serial port open", "port", r.cfg.Bus.Port, "baud", r.cfg.Bus.Baud)
 	r.openFailed = false
-	r.port = p
-	_ = p.Flush()
+	r.port = newReader(p)
+	_ = r.port.Flush()
 	r.mu.Lock()
 	r.portUp = true
 	r.health.PortOpen = true
@@ -443,7 +447,7 @@ func (r *runner) exchange(d *device, req modbus.Request, attempts int) (modbus.R
 			onWire := time.Duration(len(frame)+req.ResponseLen()) * r.charTime
 			deadline := time.Now().Add(onWire + r.cfg.Bus.Timeout)
 			var raw []byte
-			raw, err = modbus.ReadFrame(r.port, req, deadline, 10*r.charTime+5*time.Millisecond)
+			raw, err = modbus.ReadFrame(r.port, req, deadline, r.quiet)
 			switch {
 			case err == nil:
 				resp, err = modbus.DecodeResponse(req, raw)

@@ -210,8 +210,10 @@ func argNumber(raw json.RawMessage, name string) (int64, error) {
 	}
 	d := json.NewDecoder(bytes.NewReader(a))
 	d.UseNumber()
-	var num json.Number
-	if err := d.Decode(&num); err != nil {
+	var x any
+	_ = d.Decode(&x)
+	num, ok := x.(json.Number)
+	if !ok {
 		return 0, fmt.Errorf("args.%s is not a number", name)
 	}
 	if n, err := num.Int64(); err == nil {

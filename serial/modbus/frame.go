@@ -11,17 +11,25 @@ import (
 // never more than the frame in hand can still need, until a frame of the
 // right unit, function and length with a good CRC is found or deadline
 // passes. Leading garbage is skipped (resynchronisation); a candidate with
-// a bad CRC is skipped too, and then only a short quiet period is waited
-// for a better one. It returns the frame, or ErrTimeout (nothing came),
+// a bad CRC is skipped too. Once bytes have arrived, a silence of quiet
+// ends the wait: a frame is sent without pauses, so after a truncated or
+// corrupted frame nothing more will come. It returns the frame, or ErrTimeout (nothing came),
 // ErrCRC (a frame with a bad CRC came), ErrFrame (garbage or a truncated
 // frame), or p's error. p's Read should return within about 100 ms when
 // nothing arrives, with 0 bytes and nil or io.EOF; the deadline is checked
-// between reads.
+// between reads. When p has a SetReadDeadline(time.Time) method, as the
+// serial bus's reader does, ReadFrame sets the deadline on it so that a
+// Read can end exactly then.
 func ReadFrame(p io.Reader, req Request, deadline time.Time, quiet time.Duration) ([]byte, error) {
 	var buf [MaxADU]byte
 	n, total := 0, 0
 	crcBad := false
 	want := req.ResponseLen()
+	setDeadline := func() {}
+	if d, ok := p.(interface{ SetReadDeadline(time.Time) }); ok {
+		setDeadline = func() { d.SetReadDeadline(deadline) }
+	}
+	setDeadline()
 	fail := func() error {
 		switch {
 		case crcBad:
@@ -39,12 +47,7 @@ func ReadFrame(p io.Reader, req Request, deadline time.Time, quiet time.Duration
 			copy(out, frame)
 			return out, nil
 		}
-		if bad && !crcBad {
-			crcBad = true
-			if d := time.Now().Add(quiet); d.Before(deadline) {
-				deadline = d
-			}
-		}
+		crcBad = crcBad || bad
 		n = copy(buf[:], buf[start:n])
 		if need <= 0 {
 			need = want
@@ -63,6 +66,16 @@ func ReadFrame(p io.Reader, req Request, deadline time.Time, quiet time.Duration
 		}
 		n += k
 		total += k
+		if k > 0 {
+			// A frame is sent without pauses: once bytes came, a quiet
+			// period means nothing more is coming (a truncated frame, a
+			// bad CRC, garbage), so give up early rather than wait for
+			// the whole timeout.
+			if d := time.Now().Add(quiet); d.Before(deadline) {
+				deadline = d
+				setDeadline()
+			}
+		}
 		if err != nil && !errors.Is(err, io.EOF) {
 			return nil, err
 		}

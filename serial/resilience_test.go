@@ -1,0 +1,264 @@
+package serial
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/stationedge/edged"
+	"github.com/stationedge/edged/serial/sim"
+)
+
+// TestOfflineAfterThreeFailedPolls: a device that stops answering is
+// reported offline once, after three failed polls in a row, and online
+// again with its state when it answers.
+func TestOfflineAfterThreeFailedPolls(t *testing.T) {
+	r := startRig(t, rigOptions{baud: 115200, units: 2, timeout: 100 * time.Millisecond,
+		tune: func(b *Bus) { b.maxBackoff = 200 * time.Millisecond }})
+	id := devID(1)
+	waitFor(t, 5*time.Second, "online", func() bool { on, _ := r.rep.isOnline(id); return on })
+	failedBefore := r.bus.Health().Devices[0].FailedPolls
+	r.sim.Update(1, func(u *sim.Unit) { u.Dead = true })
+	waitFor(t, 5*time.Second, "offline", func() bool { on, _ := r.rep.isOnline(id); return !on })
+	if got := r.bus.Health().Devices[0].FailedPolls - failedBefore; got != OfflineAfter {
+		t.Errorf("offline after %d failed polls, want %d", got, OfflineAfter)
+	}
+	r.sim.Update(1, func(u *sim.Unit) { u.Dead = false; u.Holding[0] = 1 })
+	waitFor(t, 5*time.Second, "online again", func() bool { on, _ := r.rep.isOnline(id); return on })
+	waitFor(t, 5*time.Second, "state after return", func() bool {
+		s, _ := r.rep.last(id)
+		return s.Status == edged.StatusInUse
+	})
+	want := []onlineChange{{devID(1), true}, {devID(2), true}, {devID(1), false}, {devID(1), true}}
+	got := r.rep.onlineChanges()
+	if len(got) == 4 && got[0].id == devID(2) { // the first two may come in either order
+		got[0], got[1] = got[1], got[0]
+	}
+	if diff := cmp.Diff(want, got, cmp.AllowUnexported(onlineChange{})); diff != "" {
+		t.Errorf("online reports (-want +got):\n%s", diff)
+	}
+}
+
+// TestDeadDeviceDoesNotStarveTheBus: on a bus busy with seven live
+// devices, a dead eighth costs the others at most one timeout per backoff
+// period.
+func TestDeadDeviceDoesNotStarveTheBus(t *testing.T) {
+	const (
+		timeout    = 100 * time.Millisecond
+		maxBackoff = time.Second
+		window     = 3 * time.Second
+	)
+	// livePeriod measures the mean poll period of units 1..7 over window.
+	livePeriod := func(r *rig) time.Duration {
+		polls := func() (n uint64) {
+			for _, d := range r.bus.Health().Devices[:7] {
+				n += d.Polls
+			}
+			return n
+		}
+		before := polls()
+		time.Sleep(window)
+		return window * 7 / time.Duration(polls()-before)
+	}
+	// 9600 baud and a 10 ms poll interval: the bus is saturated, so any
+	// time taken by the dead device shows in the others' period.
+	opts := rigOptions{baud: 9600, units: 7, timeout: timeout, pollInterval: 10 * time.Millisecond,
+		tune: func(b *Bus) { b.maxBackoff = maxBackoff }}
+	r7 := startRig(t, opts)
+	waitFor(t, 5*time.Second, "seven online", func() bool { on, _ := r7.rep.isOnline(devID(7)); return on })
+	base := livePeriod(r7)
+	r7.sim.Close()
+
+	opts.units = 8
+	opts.setup = func(s *sim.Sim) { s.Update(8, func(u *sim.Unit) { u.Dead = true }) }
+	r8 := startRig(t, opts)
+	waitFor(t, 5*time.Second, "unit 8 offline", func() bool { on, known := r8.rep.isOnline(devID(8)); return known && !on })
+	// Let the backoff reach its cap: 20 ms doubling to 1 s.
+	time.Sleep(2500 * time.Millisecond)
+	probesBefore := r8.sim.Requests(8)
+	got := livePeriod(r8)
+	probes := r8.sim.Requests(8) - probesBefore
+
+	t.Logf("live poll period: %v with 7 devices, %v beside a dead one; %d probes of the dead one in %v", base, got, probes, window)
+	if maxProbes := int(window/maxBackoff) + 1; probes > maxProbes {
+		t.Errorf("dead device probed %d times in %v, want at most %d", probes, window, maxProbes)
+	}
+	// One timeout (plus its request on the wire) per backoff period, and
+	// 10% for scheduling noise.
+	perProbe := timeout + 20*time.Millisecond
+	limit := time.Duration(float64(base) * (1 + float64(perProbe)/float64(maxBackoff)) * 1.10)
+	if got > limit {
+		t.Errorf("live poll period %v beside a dead device, want at most %v (base %v)", got, limit, base)
+	}
+	for _, c := range r8.rep.onlineChanges() {
+		if c.id != devID(8) && !c.online {
+			t.Errorf("%s reported offline", c.id)
+		}
+	}
+}
+
+// TestBadFrames: with 5% of replies corrupted (and, in turn, garbage,
+// truncated or missing), no wrong value is ever reported and no device
+// flaps offline.
+func TestBadFrames(t *testing.T) {
+	tests := []struct {
+		name   string
+		faults sim.Faults
+		seen   func(h BusHealth) uint64
+	}{
+		{"corrupt 5%", sim.Faults{Corrupt: 0.05}, func(h BusHealth) uint64 { return h.CRCErrors }},
+		{"garbage 5%", sim.Faults{Garbage: 0.05}, nil}, // garbage before a reply is skipped without an error
+		{"truncated 5%", sim.Faults{Truncate: 0.05}, func(h BusHealth) uint64 { return h.FrameErrors + h.CRCErrors }},
+		{"no reply 5%", sim.Faults{NoReply: 0.05}, func(h BusHealth) uint64 { return h.Timeouts }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := startRig(t, rigOptions{baud: 115200, units: 8, timeout: 100 * time.Millisecond, pollInterval: 20 * time.Millisecond,
+				setup: func(s *sim.Sim) { s.SetFaults(tt.faults) }})
+			time.Sleep(2 * time.Second)
+			h := r.bus.Health()
+			if tt.seen != nil && tt.seen(h) == 0 {
+				t.Errorf("no faults seen: %+v", h.Counters)
+			}
+			for _, d := range h.Devices {
+				if d.Polls < 3 {
+					t.Errorf("%s: only %d polls in 2s", d.DeviceID, d.Polls)
+				}
+			}
+			r.rep.mu.Lock()
+			defer r.rep.mu.Unlock()
+			for n := 1; n <= 8; n++ {
+				id := devID(n)
+				if len(r.rep.states[id]) == 0 {
+					t.Errorf("%s: no state reported", id)
+				}
+				for _, got := range r.rep.states[id] {
+					if diff := cmp.Diff(stateOf(n).want(), got); diff != "" {
+						t.Errorf("%s: wrong state reported (-want +got):\n%s", id, diff)
+					}
+				}
+			}
+			for _, c := range r.rep.online {
+				if !c.online {
+					t.Errorf("%s reported offline", c.id)
+				}
+			}
+			t.Logf("%+v", h.Counters)
+		})
+	}
+}
+
+// TestUnplugReplug: the port vanishes (the USB adapter is pulled); the
+// devices go offline, commands are refused, and when the port comes back
+// they come back online without a restart.
+func TestUnplugReplug(t *testing.T) {
+	r := startRig(t, rigOptions{baud: 115200, units: 4, timeout: 100 * time.Millisecond,
+		tune: func(b *Bus) {
+			b.reopenMin, b.reopenMax, b.maxBackoff = 50*time.Millisecond, 200*time.Millisecond, 200*time.Millisecond
+		}})
+	allOnline := func(want bool) func() bool {
+		return func() bool {
+			for n := 1; n <= 4; n++ {
+				if on, known := r.rep.isOnline(devID(n)); !known || on != want {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	waitFor(t, 5*time.Second, "all online", allOnline(true))
+	if err := r.sim.Unplug(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "all offline", allOnline(false))
+	if h := r.bus.Health(); h.PortOpen || h.PortErrors == 0 {
+		t.Errorf("health after unplug: open %v, port errors %d", h.PortOpen, h.PortErrors)
+	}
+	err := r.bus.Send(context.Background(), devID(1), edged.DeviceCommand{CmdID: "u1", Action: edged.ActionStop})
+	if edged.ErrorCode(err) != edged.EUNAVAILABLE {
+		t.Errorf("Send while unplugged: %v, want unavailable", err)
+	}
+	r.sim.Update(2, func(u *sim.Unit) { u.Holding[0] = 1 })
+	if err := r.sim.Replug(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "all online again", allOnline(true))
+	waitFor(t, 5*time.Second, "new state after replug", func() bool {
+		s, _ := r.rep.last(devID(2))
+		return s.Status == edged.StatusInUse
+	})
+	if h := r.bus.Health(); !h.PortOpen || h.Opens != 2 {
+		t.Errorf("health after replug: open %v, opens %d, want true, 2", h.PortOpen, h.Opens)
+	}
+	if err := r.bus.Send(context.Background(), devID(1), edged.DeviceCommand{CmdID: "u2", Action: edged.ActionStop}); err != nil {
+		t.Errorf("Send after replug: %v", err)
+	}
+	waitFor(t, 5*time.Second, "ack after replug", func() bool { a, ok := r.rep.ack(devID(1), "u2"); return ok && a.OK })
+}
+
+// TestSlowAndFailingDevices: a slow device within the timeout is fine; one
+// slower than the timeout and one answering exceptions are counted in the
+// health and go offline, without taking their neighbour down.
+func TestSlowAndFailingDevices(t *testing.T) {
+	r := startRig(t, rigOptions{baud: 115200, units: 4, timeout: 150 * time.Millisecond,
+		tune: func(b *Bus) { b.maxBackoff = 500 * time.Millisecond },
+		setup: func(s *sim.Sim) {
+			s.Update(1, func(u *sim.Unit) { u.Delay = 60 * time.Millisecond })
+			s.Update(2, func(u *sim.Unit) { u.Delay = 400 * time.Millisecond })
+			s.Update(3, func(u *sim.Unit) { u.Exception = 2 })
+		}})
+	waitFor(t, 5*time.Second, "slow unit 1 reported", func() bool { _, ok := r.rep.last(devID(1)); return ok })
+	if got, _ := r.rep.last(devID(1)); !cmp.Equal(got, stateOf(1).want()) {
+		t.Errorf("slow unit 1 state = %+v", got)
+	}
+	for _, n := range []int{2, 3} {
+		waitFor(t, 5*time.Second, fmt.Sprintf("unit %d offline", n), func() bool {
+			on, known := r.rep.isOnline(devID(n))
+			return known && !on
+		})
+	}
+	h := r.bus.Health()
+	if d := h.Devices[1]; d.Timeouts == 0 {
+		t.Errorf("too-slow unit: no timeouts counted: %+v", d)
+	}
+	if d := h.Devices[2]; d.Exceptions == 0 || d.LastError != "modbus exception 2 (illegal data address)" {
+		t.Errorf("exception unit: %d exceptions, last error %q", d.Exceptions, d.LastError)
+	}
+	for _, n := range []int{1, 4} {
+		if on, _ := r.rep.isOnline(devID(n)); !on {
+			t.Errorf("unit %d not online", n)
+		}
+	}
+	for _, c := range r.rep.onlineChanges() {
+		if (c.id == devID(1) || c.id == devID(4)) && !c.online {
+			t.Errorf("%s reported offline", c.id)
+		}
+	}
+}
+
+// TestCommandsJumpThePollQueue: on a saturated bus a command waits for the
+// poll in progress, not for a whole round of polls.
+func TestCommandsJumpThePollQueue(t *testing.T) {
+	r := startRig(t, rigOptions{baud: 9600, units: 8, pollInterval: 10 * time.Millisecond})
+	waitFor(t, 5*time.Second, "all polled twice", func() bool {
+		for _, d := range r.bus.Health().Devices {
+			if d.Polls < 2 {
+				return false
+			}
+		}
+		return true
+	})
+	cycle := r.bus.Health().Devices[0].PollPeriod
+	start := time.Now()
+	if err := r.bus.Send(context.Background(), devID(5), edged.DeviceCommand{CmdID: "q1", Action: edged.ActionStop}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "ack", func() bool { _, ok := r.rep.ack(devID(5), "q1"); return ok })
+	latency := time.Since(start)
+	t.Logf("command acked in %v; a round of polls takes %v", latency, cycle)
+	if latency > cycle/2 {
+		t.Errorf("command took %v, more than half a poll round (%v)", latency, cycle)
+	}
+}
