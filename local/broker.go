@@ -266,8 +266,7 @@ func (b *Broker) Start(ctx context.Context) error {
 		}
 		opened = append(opened, ln)
 		b.tcp = ln
-		tl := newTrackedListener(ln)
-		b.tracked = append(b.tracked, tl)
+		tl := b.track(ln)
 		if err := b.srv.AddListener(listeners.NewNet("tcp", tl)); err != nil {
 			return fail(fmt.Errorf("local: tcp listener: %w", err))
 		}
@@ -282,8 +281,7 @@ func (b *Broker) Start(ctx context.Context) error {
 			return fail(fmt.Errorf("local: tls listen: %w", err))
 		}
 		opened = append(opened, ln)
-		tl := newTrackedListener(ln)
-		b.tracked = append(b.tracked, tl)
+		tl := b.track(ln)
 		tlsLn := tls.NewListener(tl, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 		if err := b.srv.AddListener(listeners.NewNet("tls", tlsLn)); err != nil {
 			return fail(fmt.Errorf("local: tls listener: %w", err))
@@ -301,6 +299,14 @@ func (b *Broker) Start(ctx context.Context) error {
 	b.serving.Store(true)
 	b.log.Info("local broker listening", "addr", b.addrString(), "tls", b.cfg.TLSListen, "ws", b.cfg.WSListen)
 	return nil
+}
+
+// track wraps a listener so Close can end its connections. b.mu is held.
+func (b *Broker) track(ln net.Listener) *trackedListener {
+	tl := newTrackedListener(ln)
+	tl.onError = func(err error) { b.warn("accept", "accept failed, retrying", "addr", ln.Addr().String(), "err", err) }
+	b.tracked = append(b.tracked, tl)
+	return tl
 }
 
 func (b *Broker) addrString() string {
@@ -339,7 +345,7 @@ func (b *Broker) Close() error {
 		// Connections that never sent CONNECT are unknown to mochi, which
 		// would wait for them: close them (and stop accepting) first.
 		for _, tl := range tracked {
-			_ = tl.Listener.Close()
+			_ = tl.Close()
 			tl.closeConns(true)
 		}
 		done := make(chan struct{})

@@ -13,9 +13,12 @@ import (
 	"encoding/pem"
 	"errors"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -752,4 +755,33 @@ func writeSelfSigned(t *testing.T, dir string) (certFile, keyFile string) {
 		t.Fatal(err)
 	}
 	return certFile, keyFile
+}
+
+// flakyListener fails its first Accepts as a process out of file
+// descriptors would.
+type flakyListener struct {
+	net.Listener
+	fails atomic.Int32
+}
+
+func (l *flakyListener) Accept() (net.Conn, error) {
+	if l.fails.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: syscall.EMFILE}
+	}
+	return l.Listener.Accept()
+}
+
+func TestAcceptErrorsDoNotStopTheBroker(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fl := &flakyListener{Listener: ln}
+	fl.fails.Store(3)
+	e := start(t, func(c *Config) { c.Listener = fl })
+	c := connectV3(t, e.addr, "dev-a", secretA)
+	c.alive(t, e, "dev-a")
+	if !strings.Contains(e.logs.String(), "accept failed, retrying") {
+		t.Error("accept errors not logged")
+	}
 }

@@ -1,8 +1,10 @@
 package local
 
 import (
+	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -17,18 +19,41 @@ const connectTimeout = 10 * time.Second
 type trackedListener struct {
 	net.Listener
 
+	onError func(error) // an accept error that is retried
+	closed  atomic.Bool
+
 	mu    sync.Mutex
 	conns map[*trackedConn]struct{}
+}
+
+// Close stops accepting; mochi's listener calls it too.
+func (l *trackedListener) Close() error {
+	l.closed.Store(true)
+	return l.Listener.Close()
 }
 
 func newTrackedListener(ln net.Listener) *trackedListener {
 	return &trackedListener{Listener: ln, conns: make(map[*trackedConn]struct{})}
 }
 
+// Accept waits out errors other than a closed listener (such as EMFILE,
+// too many open files), as net/http does: mochi's accept loop returns on
+// the first error, which would leave the broker deaf until a restart.
 func (l *trackedListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
+	var c net.Conn
+	for delay := 5 * time.Millisecond; ; delay = min(2*delay, time.Second) {
+		var err error
+		c, err = l.Listener.Accept()
+		if err == nil {
+			break
+		}
+		if errors.Is(err, net.ErrClosed) || l.closed.Load() {
+			return nil, err
+		}
+		if l.onError != nil {
+			l.onError(err)
+		}
+		time.Sleep(delay)
 	}
 	_ = c.SetDeadline(time.Now().Add(connectTimeout))
 	tc := &trackedConn{Conn: c, l: l}
