@@ -1,6 +1,7 @@
 package uplink
 
 import (
+	"fmt"
 	"testing"
 	"time"
 
@@ -118,3 +119,41 @@ func TestDownRedelivery(t *testing.T) {
 	}
 }
 
+// TestSlowHandler: a store that takes longer than the keepalive's ping
+// timeout to make a grant durable neither drops the link nor holds back the
+// event drain.
+func TestSlowHandler(t *testing.T) {
+	m := startMosquitto(t, "")
+	c := newCloud(t, m.addr, eventsTopic)
+	s := newStation()
+	s.handler.fail = func(call int, payload []byte) error {
+		time.Sleep(1500 * time.Millisecond) // the ping timeout is 1 s
+		return nil
+	}
+	u, err := New(s.config(t, "tcp://"+m.addr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runUplink(t, u)
+	waitFor(t, 5*time.Second, "connected", func() bool { return u.Status().State == StateConnected })
+
+	// Several grants, each slower to store than the ping timeout.
+	const grants = 4
+	for i := range grants {
+		c.publish(rentalsTopic, fmt.Sprintf(`{"op":"grant","rental_id":"r%d"}`, i))
+	}
+	time.Sleep(100 * time.Millisecond)
+	s.outbox.Append(1000, 5)
+	waitFor(t, 2*time.Second, "events while the grant is being stored", func() bool {
+		seqs, _ := c.events(eventsTopic)
+		return len(seqs) == 1000
+	})
+	waitFor(t, 10*time.Second, "the grants stored", func() bool { r, _, _ := s.handler.snapshot(); return len(r) == grants })
+	time.Sleep(1500 * time.Millisecond)
+	if st := u.Status(); st.Reconnects != 0 || st.State != StateConnected {
+		t.Fatalf("status: got %+v, want connected all along", st)
+	}
+	if r, _, calls := s.handler.snapshot(); len(r) != grants || calls != grants {
+		t.Fatalf("%d grants stored in %d calls, want %d in %d", len(r), calls, grants, grants)
+	}
+}

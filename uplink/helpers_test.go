@@ -31,7 +31,7 @@ type mosquitto struct {
 // extra may use {port} placeholders via listeners (see below). It returns
 // once every listener accepts connections. In CI a missing mosquitto is a
 // failure, never a skip.
-func startMosquitto(t *testing.T, extra string) *mosquitto {
+func startMosquitto(t testing.TB, extra string) *mosquitto {
 	t.Helper()
 	bin, err := exec.LookPath("mosquitto")
 	if err != nil {
@@ -100,7 +100,7 @@ listener %d 127.0.0.1
 	return m
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -111,7 +111,7 @@ func freePort(t *testing.T) int {
 }
 
 // waitFor polls cond every 10 ms until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
@@ -282,7 +282,7 @@ func (h *fakeHandler) snapshot() (rentals, commands []string, calls int) {
 
 // cloud is a subscriber at the cloud broker, standing in for the back end.
 type cloud struct {
-	t      *testing.T
+	t      testing.TB
 	client mqtt.Client
 	mu     sync.Mutex
 	msgs   []cloudMsg
@@ -295,7 +295,7 @@ type cloudMsg struct {
 }
 
 // newCloud connects a subscriber to addr and subscribes to filter.
-func newCloud(t *testing.T, addr, filter string) *cloud {
+func newCloud(t testing.TB, addr, filter string) *cloud {
 	t.Helper()
 	c := &cloud{t: t}
 	opts := mqtt.NewClientOptions().AddBroker("tcp://" + addr).
@@ -386,14 +386,14 @@ func checkOrder(t *testing.T, seqs []uint64, want uint64, maxRestarts int) (repe
 }
 
 // testLogger logs to the test at debug level when -v is given.
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	if !testing.Verbose() {
 		return nil
 	}
 	return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
-type tWriter struct{ t *testing.T }
+type tWriter struct{ t testing.TB }
 
 func (w tWriter) Write(p []byte) (int, error) {
 	w.t.Log(string(bytes.TrimRight(p, "\n")))
@@ -413,7 +413,7 @@ func newStation() *station {
 
 // baseConfig is an uplink configuration for tests: a 1 s keepalive and a
 // 1 s reconnect cap, so outages are detected and healed within seconds.
-func (s *station) config(t *testing.T, url string) Config {
+func (s *station) config(t testing.TB, url string) Config {
 	return Config{
 		UplinkConfig: edged.UplinkConfig{
 			URL: url, TopicRoot: "stations", KeepAlive: time.Second,

@@ -3,9 +3,9 @@ package uplink
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -21,6 +21,7 @@ type session struct {
 	acks  *acker
 	ctx   context.Context // cancelled when the session ends
 	lost  chan error      // connection lost (paho) or a down message failed
+	down  chan mqtt.Message
 	since time.Time
 
 	// failed is set once a down message could not be made durable: later
@@ -51,6 +52,7 @@ func newSession(u *Uplink, acks *acker) *session {
 	return &session{
 		u: u, acks: acks,
 		lost:      make(chan error, 1),
+		down:      make(chan mqtt.Message, 64),
 		published: map[string]time.Time{},
 		renterOf:  map[string]string{},
 	}
@@ -91,11 +93,14 @@ func (s *session) signal(err error) {
 // run connects and serves until the connection fails or ctx ends. It
 // returns how long the connection was up (0: never connected) and why it
 // ended.
-func (s *session) run(ctx context.Context) (time.Duration, error) {
+func (s *session) run(parent context.Context) (time.Duration, error) {
 	u := s.u
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	ctx, cancel := context.WithCancel(parent)
 	s.ctx = ctx
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); s.handleDown() }()
+	defer wg.Wait() // after cancel, below
 
 	opts := mqtt.NewClientOptions().
 		AddBroker(u.broker).
@@ -122,6 +127,7 @@ func (s *session) run(ctx context.Context) (time.Duration, error) {
 	}
 	client := mqtt.NewClient(opts)
 
+	defer cancel() // before wg.Wait: the down worker returns
 	if err := wait(ctx, client.Connect(), u.connectTimeout()+time.Second); err != nil {
 		client.Disconnect(0)
 		return 0, fmt.Errorf("connect: %w", err)
@@ -131,7 +137,7 @@ func (s *session) run(ctx context.Context) (time.Duration, error) {
 	err := s.serve(ctx, client)
 	up := time.Since(start)
 	cancel() // a handler still running returns; its message stays unacked
-	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+	if parent.Err() != nil {
 		s.goodbye(client)
 		return up, nil
 	}
@@ -427,35 +433,55 @@ func (u *Uplink) presence() []byte {
 }
 
 // onMessage runs on paho's router goroutine for every message from the
-// cloud, one at a time in arrival order. It acknowledges a message only
-// once the station returned nil, that is once it is durable. On an error
-// it leaves it (and every later message of this connection) unacknowledged
-// and ends the session: the broker redelivers them, in order, on the next
-// connection (the session is persistent, CleanSession=false).
+// cloud, in arrival order. It hands the message to the session's down
+// worker: while the router is busy paho reads nothing from the socket, not
+// even PUBACKs and PINGRESPs, so a slow store must not run here. The
+// channel's bound is the back pressure.
 func (s *session) onMessage(_ mqtt.Client, m mqtt.Message) {
-	if s.failed.Load() || s.ctx.Err() != nil {
-		return
+	select {
+	case s.down <- m:
+	case <-s.ctx.Done(): // left unacknowledged: redelivered next time
 	}
+}
+
+// handleDown gives messages from the cloud to the station one at a time,
+// in arrival order. It acknowledges a message only once the station
+// returned nil, that is once it is durable. On an error it leaves it (and
+// every later message of this connection) unacknowledged and ends the
+// session: the broker redelivers them, in order, on the next connection
+// (the session is persistent, CleanSession=false).
+func (s *session) handleDown() {
 	h := s.u.cfg.Handler
-	var err error
-	switch m.Topic() {
-	case s.u.topics.downRentals:
-		err = h.Rental(s.ctx, m.Payload())
-	case s.u.topics.downCommands:
-		err = h.RenterCommand(s.ctx, m.Payload())
-	default:
-		// Not ours (a stale subscription of this client id): drop it, or
-		// the broker would redeliver it forever.
-		s.u.log.Warn("message on unexpected topic dropped", "topic", m.Topic())
+	for {
+		var m mqtt.Message
+		select {
+		case <-s.ctx.Done():
+			return
+		case m = <-s.down:
+		}
+		if s.failed.Load() {
+			continue
+		}
+		var err error
+		switch m.Topic() {
+		case s.u.topics.downRentals:
+			err = h.Rental(s.ctx, m.Payload())
+		case s.u.topics.downCommands:
+			err = h.RenterCommand(s.ctx, m.Payload())
+		default:
+			// Not ours (a stale subscription of this client id): drop it,
+			// or the broker would redeliver it forever.
+			s.u.log.Warn("message on unexpected topic dropped", "topic", m.Topic())
+			m.Ack()
+			continue
+		}
+		if err != nil {
+			s.failed.Store(true)
+			s.signal(fmt.Errorf("%s not stored, left for redelivery: %w", m.Topic(), err))
+			continue
+		}
 		m.Ack()
-		return
 	}
-	if err != nil {
-		s.failed.Store(true)
-		s.signal(fmt.Errorf("%s not stored, left for redelivery: %w", m.Topic(), err))
-		return
-	}
-	m.Ack()
 }
 
 // wait is the package's wait that also ends when the session is lost.
