@@ -140,7 +140,7 @@ func (m *Main) Run(ctx context.Context) error {
 	up, err := uplink.New(uplink.Config{
 		UplinkConfig: cfg.Uplink, StationID: cfg.Station.ID, StationName: cfg.Station.Name,
 		StationLocation: cfg.Station.Location, Outbox: db, States: st, Handler: st,
-		Clock: m.Clock, Logger: log.With("system", "uplink"), StartedAt: m.StartedAt,
+		Clock: m.Clock, Logger: log, StartedAt: m.StartedAt, // the uplink scopes its logger itself
 	})
 	if err != nil {
 		return fmt.Errorf("uplink: %w", err)

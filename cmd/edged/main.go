@@ -65,10 +65,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		}
 		return runDaemon(ctx, *configPath, stderr)
 	case "demo":
-		if err := fs.Parse(args); err != nil {
-			return err
-		}
-		return runDemo(ctx, stdout, stderr)
+		return runDemo(ctx, args, stdout, stderr)
 	case "check-config":
 		configPath := fs.String("config", "", "config file")
 		if err := fs.Parse(args); err != nil {
