@@ -210,3 +210,53 @@ func TestOfflineOnlyKeepsNoQueue(t *testing.T) {
 		t.Fatalf("log has %d events, want the 10 device events kept", len(evs))
 	}
 }
+
+func TestBadDeviceInputIsCountedAndNotStored(t *testing.T) {
+	s := startStation(t, testConfig(t, "chair-1"))
+	chair := s.device("chair-1")
+	waitFor(t, "chair online", func() bool { st, _ := s.m.Station.Device("chair-1"); return st.Online })
+	before, _ := s.m.Store.Events(ctx, 0, 0)
+	bad := []struct{ topic, payload string }{
+		{"devices/chair-1/events", `{"type": "door"`},                                              // malformed
+		{"devices/chair-1/events", `["type"]`},                                                     // not an object
+		{"devices/chair-1/events", `{"type": 7}`},                                                  // wrong type
+		{"devices/chair-1/state", `{"status": "dancing"}`},                                         // not a status
+		{"devices/chair-1/state", `{"status": 1}`},                                                 // wrong type
+		{"devices/chair-1/location", `{"lat": 91, "lon": 0}`},                                      // off the globe
+		{"devices/chair-1/telemetry", `{"nested": {"a": 1}}`},                                      // not flat
+		{"devices/chair-1/commands/ack", `{"cmd_id": "a/b", "ok": true}`},                          // slash
+		{"devices/chair-1/commands/ack", `{"cmd_id": "a+b", "ok": true}`},                          // plus
+		{"devices/chair-1/commands/ack", `{"cmd_id": "a#b", "ok": true}`},                          // hash
+		{"devices/chair-1/commands/ack", "{\"cmd_id\": \"a\\u0001\", \"ok\": true}"},               // control
+		{"devices/chair-1/events", `{"type": "big", "pad": "` + strings.Repeat("x", 1<<20) + `"}`}, // 1 MiB
+	}
+	bad0 := s.m.Broker.Stats().BadInput
+	for _, b := range bad {
+		if err := chair.PublishRaw(b.topic, []byte(b.payload)); err != nil {
+			t.Fatalf("%s %.40s: %v (the connection must stay up)", b.topic, b.payload, err)
+		}
+	}
+	if got := s.m.Broker.Stats().BadInput - bad0; got != uint64(len(bad)) {
+		t.Fatalf("bad input counter rose by %d, want %d", got, len(bad))
+	}
+	// Still connected and heard: a good event after all that is stored.
+	if err := chair.Publish("events", map[string]any{"type": "door"}); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := s.m.Store.Events(ctx, 0, 0)
+	if len(after) != len(before)+1 || after[len(after)-1].Type != edged.EventDeviceEvent {
+		t.Fatalf("events went from %d to %d, want one more (the good one)", len(before), len(after))
+	}
+	st, _ := s.m.Station.Device("chair-1")
+	if st.Status != edged.StatusIdle || st.Location != nil || len(st.Telemetry) != 0 {
+		t.Fatalf("bad input reached the device state: %+v", st)
+	}
+	// Unknown devices and ids that are not device ids never connect.
+	for _, id := range []string{"ghost", "a/b", "a+b", "a#b"} {
+		d := &devicesim.Device{ID: id, Secret: "secret", Broker: s.broker}
+		if err := d.Connect(2 * time.Second); err == nil {
+			d.Disconnect()
+			t.Fatalf("device %q connected", id)
+		}
+	}
+}
