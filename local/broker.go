@@ -1,34 +1,54 @@
 // Package local is the LAN side of edged: the embedded MQTT broker (mochi)
-// that the station's devices connect to (contract §2).
+// that the station's devices connect to (contract §2), MQTT 3.1.1 and 5.
 //
-// Every device authenticates as itself (username = client id = device id,
-// password = its secret, checked with bcrypt), may publish only on its five
-// up topics and subscribe only to its commands topic. What it publishes is
-// checked with the domain's parsers and handed to an edged.DeviceReporter
-// synchronously, before the broker acknowledges it, so a device event is
-// durable before the device is told so. Broker implements edged.Commander.
+// Every device authenticates as itself: username = client id = device id,
+// password = its secret, checked with bcrypt. A refused CONNECT (unknown
+// device, wrong secret, other client id, a will on a foreign topic) gets
+// CONNACK "not authorized" (5 in 3.1.1, 0x87 in 5), is counted and logged
+// with the device id and remote address, never the secret. Verified and
+// refused secrets are remembered (as SHA-256) for a while and bcrypt runs
+// on at most half the cores, so reconnect storms and floods stay cheap.
+//
+// A device may publish only on its five up topics and subscribe only to
+// devices/D/commands. What it publishes is checked with the domain's
+// parsers and handed to the edged.DeviceReporter synchronously, before the
+// broker acknowledges it, so a device event is durable before the device
+// is told so. Broker implements edged.Commander.
 //
 // Refusals never disconnect a device (a refused QoS 1 publish that closes
 // the connection makes an MQTT 3.1.1 client resend it forever):
 //
-//   - A publish outside the device's own up topics, or one whose payload is
-//     over 64 KiB or not what the topic needs, is dropped and counted. An
+//   - A publish outside the device's own up topics (an ACL denial), or one
+//     whose payload is over 64 KiB or not what the topic needs (bad input,
+//     also when the reporter says EINVALID), is dropped and counted. An
 //     MQTT 5 client publishing at QoS 1 gets a negative PUBACK (0x87 not
 //     authorized, 0x99 payload format invalid); everybody else gets a
-//     normal acknowledgement, as MQTT 3.1.1 has no negative PUBACK.
-//   - A subscription other than devices/D/commands gets a SUBACK failure
-//     (0x80 in 3.1.1, 0x87 in 5).
-//   - Only a packet over Config.MaxPacketKB closes the connection.
+//     normal acknowledgement, as MQTT 3.1.1 has no negative PUBACK (and a
+//     negative PUBREC at QoS 2 is out of a hook's reach).
+//   - A subscription other than exactly devices/D/commands (wildcards and
+//     shared subscriptions included) gets a SUBACK failure: 0x80 in 3.1.1,
+//     0x87 in 5.
+//   - A packet over Config.MaxPacketKB closes the connection, as do MQTT
+//     protocol violations (a wildcard in a topic name, say).
 //
-// When the reporter fails (the store cannot write), the message is not
-// acknowledged as a success: MQTT 5 QoS 1 gets PUBACK 0x80, so the device
-// knows it was not taken; MQTT 3.1.1 at QoS 1 or 2 (and 5 at QoS 2) has the
-// connection closed with no acknowledgement, so the client resends it after
-// reconnecting. QoS 0 messages are dropped and logged.
+// When the reporter fails otherwise (the store cannot write), the message
+// is not acknowledged as a success: MQTT 5 at QoS 1 gets PUBACK 0x80, so the
+// device knows it was not taken; MQTT 3.1.1 at QoS 1 or 2 has its
+// connection closed with no acknowledgement, so the client resends the
+// message after reconnecting (with backoff, its own); MQTT 5 at QoS 2 gets
+// DISCONNECT 0x80. QoS 0 messages are dropped and logged.
 //
 // A will is accepted only on the device's own up topics with a payload that
-// passes the same checks; it is reported like a publish when mochi sends it
-// and is never retained. Any other will refuses the CONNECT.
+// passes the same checks; it is never retained, and is reported like a
+// publish when mochi sends it (also when the session is taken over by a
+// reconnect of the same device). Any other will refuses the CONNECT.
+//
+// A device is online from its session's start to its end. A reconnect of
+// the same device takes the old session over; the old session's end is
+// ignored when it comes after the new session's start, so the device stays
+// online (the station hears online again, which it treats as no change). Commands sent while the device is connected but not yet
+// subscribed (the station sends them when a device comes back) are held
+// for up to 10 s and delivered once it subscribes.
 package local
 
 import (

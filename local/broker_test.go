@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -121,7 +122,9 @@ func TestPublishACL(t *testing.T) {
 				var pub func(topic string, payload []byte)
 				switch proto {
 				case "v3":
-					c := connectV3(t, e.addr, "dev-a", secretA)
+					// With AutoReconnect, a disconnect would show as a
+					// second connection.
+					c := connectV3(t, e.addr, "dev-a", secretA, autoReconnect)
 					a = c
 					pub = func(topic string, payload []byte) {
 						if err := c.publish(t, topic, qos, payload); err != nil {
@@ -287,7 +290,7 @@ func TestBadInput(t *testing.T) {
 			var pub func(topic string, payload []byte)
 			switch proto {
 			case "v3":
-				c := connectV3(t, e.addr, "dev-a", secretA)
+				c := connectV3(t, e.addr, "dev-a", secretA, autoReconnect)
 				a = c
 				pub = func(topic string, payload []byte) {
 					if err := c.publish(t, topic, 1, payload); err != nil {
@@ -544,6 +547,30 @@ func TestReporterFailure(t *testing.T) {
 		}
 	})
 
+	// At QoS 2 a refusal would need a negative PUBREC, which mochi cannot
+	// send from a hook: the v5 client is disconnected (0x80) instead.
+	t.Run("v5 qos 2 disconnects", func(t *testing.T) {
+		e := start(t, nil)
+		failOnce(e)
+		c := connectV5(t, e.addr, "dev-a", secretA)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), testWaitPeriod)
+			defer cancel()
+			_, _ = c.c.Publish(ctx, &paho5.Publish{Topic: "devices/dev-a/events", QoS: 2, Payload: payload})
+		}()
+		select {
+		case d := <-c.disc:
+			if d.ReasonCode != 0x80 {
+				t.Errorf("disconnect reason %#x, want 0x80", d.ReasonCode)
+			}
+		case <-time.After(testWaitPeriod):
+			t.Fatal("not disconnected")
+		}
+		if got := e.rep.Calls("event"); len(got) != 0 {
+			t.Errorf("events: %v", got)
+		}
+	})
+
 	// MQTT 3.1.1 has no negative PUBACK: the connection is closed without
 	// one and the client resends after reconnecting, exactly once here.
 	t.Run("v3 closes and the client resends", func(t *testing.T) {
@@ -783,5 +810,45 @@ func TestAcceptErrorsDoNotStopTheBroker(t *testing.T) {
 	c.alive(t, e, "dev-a")
 	if !strings.Contains(e.logs.String(), "accept failed, retrying") {
 		t.Error("accept errors not logged")
+	}
+}
+
+func autoReconnect(o *pahov3.ClientOptions) {
+	o.SetAutoReconnect(true).SetCleanSession(false)
+}
+
+// A storm of reconnects of one device (each taking the last one over)
+// leaves exactly one live session, then none, never a negative count.
+func TestReconnectStorm(t *testing.T) {
+	e := start(t, nil)
+	const workers, rounds = 4, 5
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := 0; r < rounds; r++ {
+				o := pahov3.NewClientOptions().AddBroker("tcp://" + e.addr).
+					SetClientID("dev-a").SetUsername("dev-a").SetPassword(secretA).
+					SetProtocolVersion(4).SetAutoReconnect(false).SetConnectTimeout(testWaitPeriod)
+				c := pahov3.NewClient(o)
+				if tok := c.Connect(); tok.WaitTimeout(testWaitPeriod) && tok.Error() == nil {
+					c.Publish("devices/dev-a/telemetry", 0, false, []byte(`{"n":1}`)).WaitTimeout(testWaitPeriod)
+					c.Disconnect(0)
+				}
+				if n := e.b.Stats().Connected; n < 0 || n > 1 {
+					t.Errorf("Connected = %d", n)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	waitFor(t, "no session left", func() bool { return e.b.Stats().Connected == 0 })
+	waitFor(t, "offline reported last", func() bool { on, ok := e.rep.lastOnline("dev-a"); return ok && !on })
+	// After the storm the device connects normally and is online.
+	c := connectV3(t, e.addr, "dev-a", secretA)
+	c.alive(t, e, "dev-a")
+	if on, _ := e.rep.lastOnline("dev-a"); !on {
+		t.Error("device not online after the storm")
 	}
 }
