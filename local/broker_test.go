@@ -852,3 +852,37 @@ func TestReconnectStorm(t *testing.T) {
 		t.Error("device not online after the storm")
 	}
 }
+
+func TestMaxClients(t *testing.T) {
+	e := start(t, func(c *Config) { c.MaxClients = 1 })
+	a := connectV3(t, e.addr, "dev-a", secretA)
+	if _, err := dialV3(t, e.addr, "dev-b", "dev-b", secretB); !errors.Is(err, pahopackets.ErrorRefusedServerUnavailable) {
+		t.Errorf("second device: %v, want server unavailable", err)
+	}
+	a.alive(t, e, "dev-a")
+	if got := e.b.Stats().AuthFailures; got != 0 {
+		t.Errorf("AuthFailures = %d, want 0", got)
+	}
+}
+
+func TestWebSocketListener(t *testing.T) {
+	// mochi's WebSocket listener binds inside Serve and cannot report a
+	// :0 port: borrow a free one.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wsAddr := ln.Addr().String()
+	ln.Close()
+	e := start(t, func(c *Config) { c.WSListen = wsAddr })
+	var c *v3
+	waitFor(t, "websocket listener", func() bool {
+		var err error
+		c, err = dialV3(t, wsAddr, "dev-a", "dev-a", secretA, func(o *pahov3.ClientOptions) {
+			o.Servers = nil
+			o.AddBroker("ws://" + wsAddr + "/mqtt")
+		})
+		return err == nil
+	})
+	c.alive(t, e, "dev-a")
+}
