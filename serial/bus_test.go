@@ -262,7 +262,7 @@ func TestEightDevices(t *testing.T) {
 			r := startRig(t, rigOptions{baud: baud, units: 8})
 			for n := 1; n <= 8; n++ {
 				id := devID(n)
-				waitFor(t, 5*time.Second, id+" state", func() bool { _, ok := r.rep.last(id); return ok })
+				waitFor(t, 10*time.Second, id+" state", func() bool { _, ok := r.rep.last(id); return ok })
 				got, _ := r.rep.last(id)
 				if diff := cmp.Diff(stateOf(n).want(), got); diff != "" {
 					t.Errorf("%s state (-want +got):\n%s", id, diff)
@@ -275,7 +275,7 @@ func TestEightDevices(t *testing.T) {
 			r.sim.Update(3, func(u *sim.Unit) { u.Holding[0], u.Input[2] = 7, 4321 })
 			want := stateOf(3)
 			want.status, want.power = 7, 4321
-			waitFor(t, 5*time.Second, "changed state of unit 3", func() bool {
+			waitFor(t, 10*time.Second, "changed state of unit 3", func() bool {
 				got, _ := r.rep.last(devID(3))
 				return cmp.Equal(got, want.want())
 			})
@@ -295,7 +295,7 @@ func TestRentalCommands(t *testing.T) {
 	r := startRig(t, rigOptions{baud: 19200, units: 2})
 	id := devID(1)
 	r.sim.Update(1, func(u *sim.Unit) { u.Holding[0] = 0 })
-	waitFor(t, 5*time.Second, "charger idle", func() bool {
+	waitFor(t, 10*time.Second, "charger idle", func() bool {
 		s, _ := r.rep.last(id)
 		return s.Status == edged.StatusIdle
 	})
@@ -304,25 +304,25 @@ func TestRentalCommands(t *testing.T) {
 	if err := r.bus.Send(ctx, id, start); err != nil {
 		t.Fatalf("Send start: %v", err)
 	}
-	waitFor(t, 5*time.Second, "start ack", func() bool { _, ok := r.rep.ack(id, "c-start"); return ok })
+	waitFor(t, 10*time.Second, "start ack", func() bool { _, ok := r.rep.ack(id, "c-start"); return ok })
 	if a, _ := r.rep.ack(id, "c-start"); !a.OK {
 		t.Errorf("start ack = %+v, want ok", a)
 	}
 	if got := r.sim.Holding(1, 16); got != 1800 {
 		t.Errorf("start register = %d, want 1800", got)
 	}
-	waitFor(t, 5*time.Second, "in_use reported", func() bool {
+	waitFor(t, 10*time.Second, "in_use reported", func() bool {
 		s, _ := r.rep.last(id)
 		return s.Status == edged.StatusInUse && s.Extra["power_w"] == 7200.0
 	})
 	if err := r.bus.Send(ctx, id, edged.DeviceCommand{CmdID: "c-stop", Action: edged.ActionStop}); err != nil {
 		t.Fatalf("Send stop: %v", err)
 	}
-	waitFor(t, 5*time.Second, "stop ack", func() bool { _, ok := r.rep.ack(id, "c-stop"); return ok })
+	waitFor(t, 10*time.Second, "stop ack", func() bool { _, ok := r.rep.ack(id, "c-stop"); return ok })
 	if a, _ := r.rep.ack(id, "c-stop"); !a.OK {
 		t.Errorf("stop ack = %+v, want ok", a)
 	}
-	waitFor(t, 5*time.Second, "idle reported", func() bool {
+	waitFor(t, 10*time.Second, "idle reported", func() bool {
 		s, _ := r.rep.last(id)
 		return s.Status == edged.StatusIdle
 	})
@@ -360,7 +360,7 @@ func TestUnrentedUseStopped(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no in_use report")
 	}
-	waitFor(t, 5*time.Second, "idle after stop", func() bool {
+	waitFor(t, 10*time.Second, "idle after stop", func() bool {
 		s, _ := r.rep.last(devID(1))
 		return s.Status == edged.StatusIdle
 	})
@@ -372,7 +372,7 @@ func TestCommandErrors(t *testing.T) {
 	}})
 	ctx := context.Background()
 	for n := 1; n <= 3; n++ {
-		waitFor(t, 5*time.Second, "online", func() bool { on, _ := r.rep.isOnline(devID(n)); return on })
+		waitFor(t, 10*time.Second, "online", func() bool { on, _ := r.rep.isOnline(devID(n)); return on })
 	}
 
 	t.Run("sync", func(t *testing.T) {
@@ -418,7 +418,7 @@ func TestCommandErrors(t *testing.T) {
 				t.Errorf("%s: Send: %v", tt.name, err)
 				continue
 			}
-			waitFor(t, 5*time.Second, tt.name+" ack", func() bool { _, ok := r.rep.ack(tt.id, tt.cmd.CmdID); return ok })
+			waitFor(t, 10*time.Second, tt.name+" ack", func() bool { _, ok := r.rep.ack(tt.id, tt.cmd.CmdID); return ok })
 			got, _ := r.rep.ack(tt.id, tt.cmd.CmdID)
 			if diff := cmp.Diff(tt.want, got); diff != "" {
 				t.Errorf("%s: ack (-want +got):\n%s", tt.name, diff)
@@ -439,7 +439,7 @@ func TestCommandErrors(t *testing.T) {
 		if err := r.bus.Send(ctx, devID(3), edged.DeviceCommand{CmdID: "t1", Action: "stop"}); err != nil {
 			t.Fatalf("Send: %v", err)
 		}
-		waitFor(t, 5*time.Second, "timeout ack", func() bool { _, ok := r.rep.ack(devID(3), "t1"); return ok })
+		waitFor(t, 10*time.Second, "timeout ack", func() bool { _, ok := r.rep.ack(devID(3), "t1"); return ok })
 		if got, _ := r.rep.ack(devID(3), "t1"); got != (edged.CommandAck{CmdID: "t1", Error: "timeout"}) {
 			t.Errorf("ack = %+v, want timeout", got)
 		}
