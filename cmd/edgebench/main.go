@@ -1,0 +1,190 @@
+// Command edgebench measures edged beside the setup an operator would
+// otherwise choose, mosquitto with a bridge (plus scripts), on the same
+// machine in the same run, and prints one markdown table.
+//
+//	go run ./cmd/edgebench            # full run, about 15 minutes
+//	go run ./cmd/edgebench -quick     # about 2 minutes
+//	go run ./cmd/edgebench -only ingest,drain
+//
+// It builds the real edged binary into a temp dir, runs it and Debian's
+// mosquitto (/usr/sbin/mosquitto) as child processes on loopback, drives
+// them with simulated devices and a stand-in cloud in this process, reads
+// CPU, memory and disk writes from /proc, and removes everything it started
+// and wrote when it ends. Scenarios: ingest, rental, drain, footprint,
+// wear, restart. Targets are reported, never asserted; CI does not run it.
+// BENCHMARKS.md holds the method and the last results.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	quick := flag.Bool("quick", false, "smaller loads and shorter runs (about 2 minutes)")
+	only := flag.String("only", "", "comma-separated scenarios to run: "+strings.Join(scenarioNames, ","))
+	keep := flag.Bool("keep", false, "keep the temp dir (configs, logs, data) for inspection")
+	verbose := flag.Bool("v", false, "print progress")
+	flag.Parse()
+	os.Exit(run(*quick, *only, *keep, *verbose))
+}
+
+var scenarioNames = []string{"ingest", "rental", "drain", "footprint", "wear", "restart"}
+
+func run(quick bool, only string, keep, verbose bool) int {
+	want := map[string]bool{}
+	for _, s := range strings.Split(only, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			if !contains(scenarioNames, s) {
+				fmt.Fprintf(os.Stderr, "edgebench: unknown scenario %q (have %s)\n", s, strings.Join(scenarioNames, ", "))
+				return 2
+			}
+			want[s] = true
+		}
+	}
+	if _, err := os.Stat(benchBinMosquitto); err != nil {
+		fmt.Fprintln(os.Stderr, "edgebench: needs mosquitto at", benchBinMosquitto, "(apt-get install mosquitto)")
+		return 2
+	}
+	nofile, err := raiseNoFile()
+	if err != nil || nofile < 12000 {
+		fmt.Fprintf(os.Stderr, "edgebench: open files limit %d (%v): 5,000 devices need about 12,000\n", nofile, err)
+	}
+	dir, err := os.MkdirTemp("", "edgebench-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "edgebench:", err)
+		return 1
+	}
+	b := &bench{dir: dir, quick: quick, verbose: verbose}
+	cleanup := func() {
+		killAll()
+		if keep {
+			fmt.Fprintln(os.Stderr, "edgebench: kept", dir)
+		} else {
+			os.RemoveAll(dir)
+		}
+	}
+	defer cleanup()
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		<-sig
+		fmt.Fprintln(os.Stderr, "edgebench: interrupted, cleaning up")
+		cleanup()
+		os.Exit(130)
+	}()
+
+	root, err := moduleRoot()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "edgebench:", err)
+		return 1
+	}
+	moduleDir = root
+	start := time.Now()
+	b.logf("building edged")
+	bin, err := buildEdged(dir, "", "", "")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "edgebench:", err)
+		return 1
+	}
+	benchBin.edged = bin
+
+	t := &table{}
+	failed := 0
+	scenarios := map[string]func(*table) error{
+		"ingest": b.scenarioIngest, "rental": b.scenarioRental, "drain": b.scenarioDrain,
+		"footprint": b.scenarioFootprint, "wear": b.scenarioWear, "restart": b.scenarioRestart,
+	}
+	for _, name := range scenarioNames {
+		if len(want) > 0 && !want[name] {
+			continue
+		}
+		b.logf("scenario %s", name)
+		s0 := time.Now()
+		if err := scenarios[name](t); err != nil {
+			failed++
+			fmt.Fprintf(os.Stderr, "edgebench: %s: %v\n", name, err)
+			t.add(name, "error", err.Error(), "", "", "NOT MEASURED")
+		}
+		killAll() // nothing outlives its scenario
+		b.logf("scenario %s took %v", name, time.Since(s0).Round(time.Second))
+	}
+	mode := "full"
+	if quick {
+		mode = "quick"
+	}
+	fmt.Printf("edgebench (%s run, %v, %s, %d CPUs, %s)\n\n", mode, time.Since(start).Round(time.Second), runtime.Version(), runtime.NumCPU(), cpuModel())
+	t.print(os.Stdout)
+	if failed > 0 {
+		return 1
+	}
+	return 0
+}
+
+var moduleDir string
+
+func moduleRoot() (string, error) {
+	out, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	p := strings.TrimSpace(string(out))
+	if p == "" || p == os.DevNull {
+		return "", fmt.Errorf("run edgebench inside the edged module (go run ./cmd/edgebench)")
+	}
+	return filepath.Dir(p), nil
+}
+
+func cpuModel() string {
+	b, _ := os.ReadFile("/proc/cpuinfo")
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "unknown CPU"
+}
+
+func contains(xs []string, s string) bool {
+	for _, x := range xs {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func (b *bench) logf(format string, args ...any) {
+	if b.verbose {
+		fmt.Fprintf(os.Stderr, "%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
+	}
+}
+
+// table is the one table printed at the end.
+type table struct {
+	rows [][6]string
+}
+
+func (t *table) add(scenario, metric, edged, peer, target, verdict string) {
+	t.rows = append(t.rows, [6]string{scenario, metric, edged, peer, target, verdict})
+}
+
+func (t *table) print(w *os.File) {
+	fmt.Fprintln(w, "| scenario | measure | edged | peer (mosquitto) | target | verdict |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|")
+	for _, r := range t.rows {
+		for i := range r {
+			r[i] = strings.ReplaceAll(r[i], "|", "/")
+			r[i] = strings.ReplaceAll(r[i], "\n", " ")
+		}
+		fmt.Fprintf(w, "| %s |\n", strings.Join(r[:], " | "))
+	}
+}
