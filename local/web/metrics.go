@@ -1,0 +1,206 @@
+package web
+
+import (
+	"log/slog"
+	"sort"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/stationedge/edged"
+)
+
+// newRegistry is the server's own registry (never the global one): Go and
+// process figures, and the station's, read from their sources at each
+// scrape so no other package needs instrumenting.
+func (s *Server) newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		newStationCollector(s),
+	)
+	return reg
+}
+
+func desc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc("edged_"+name, help, labels, nil)
+}
+
+// Every metric edged exports at /metrics.
+var (
+	mInfo        = desc("build_info", "Always 1; the version and station as labels.", "version", "station")
+	mUptime      = desc("uptime_seconds", "Seconds since edged started.")
+	mClockSynced = desc("clock_synced", "1 while the wall clock is synchronized (§4).")
+
+	mDevices        = desc("devices", "Devices configured.")
+	mDevicesOnline  = desc("devices_online", "Devices online (connected or answering polls).")
+	mDevicesStatus  = desc("devices_status", "Devices by the status they last reported.", "status")
+	mDevicesMaint   = desc("devices_maintenance", "Devices in maintenance.")
+	mBrokerClients  = desc("local_devices_connected", "Devices connected to the local broker now.")
+	mMessagesIn     = desc("local_messages_in_total", "Device messages received on the local broker.")
+	mMessagesOut    = desc("local_messages_out_total", "Commands published to devices on the local broker.")
+	mBrokerAuthFail = desc("local_auth_failures_total", "Device CONNECTs refused on the local broker.")
+	mACLDenials     = desc("local_acl_denials_total", "Device publishes and subscriptions refused by the ACL.")
+	mBadInput       = desc("local_bad_input_total", "Device payloads dropped as too large or malformed.")
+	mHTTPAuthFail   = desc("http_auth_failures_total", "HTTP requests refused for wrong credentials.")
+
+	mOutboxEvents  = desc("outbox_events", "Events queued for the cloud.")
+	mOutboxBytes   = desc("outbox_bytes", "Bytes of events queued for the cloud.")
+	mOutboxOldest  = desc("outbox_oldest_age_seconds", "Age of the oldest queued event, 0 when the queue is empty.")
+	mOutboxDropped = desc("outbox_dropped_total", "Events dropped under the outbox quota.")
+	mEventsLastSeq = desc("events_last_seq", "Seq of the newest event in the log.")
+
+	mUplinkState      = desc("uplink_state", "1 for the uplink's current state.", "state")
+	mUplinkReconnects = desc("uplink_reconnects_total", "Uplink connections made after the first.")
+	mUplinkConnects   = desc("uplink_connects_total", "Uplink connections made, first included (a lower bound: a first connection that was lost before any reconnect is not counted once the link is down).")
+	mUplinkAcked      = desc("uplink_last_acked_seq", "Highest event seq acknowledged by the cloud.")
+
+	mRentalsActive  = desc("rentals_active", "Rentals starting or running.")
+	mRentalsStarted = desc("rentals_started_total", "Rentals started since edged started.")
+	mRentalsEnded   = desc("rentals_ended_total", "Rentals ended since edged started, by reason.", "reason")
+	mRentalResults  = desc("rental_results_total", "rental.result events since edged started, by reason (ok for success).", "reason")
+	mCommandResults = desc("command_results_total", "command.result events since edged started, by reason (ok for success).", "reason")
+	mUnrentedUse    = desc("unrented_use_total", "Devices stopped for use without a rental.")
+
+	mBusPortOpen    = desc("bus_port_open", "1 while the bus's serial port is open.", "bus")
+	mBusOpens       = desc("bus_port_opens_total", "Successful opens of the bus's port; more than 1 means it was reopened.", "bus")
+	mBusPortErrors  = desc("bus_port_errors_total", "I/O failures of the bus's port.", "bus")
+	mBusRequests    = desc("bus_requests_total", "Modbus requests sent, retries included.", "bus")
+	mBusTimeouts    = desc("bus_timeouts_total", "Modbus requests with no reply.", "bus")
+	mBusCRCErrors   = desc("bus_crc_errors_total", "Modbus replies with a bad CRC.", "bus")
+	mBusFrameErrors = desc("bus_frame_errors_total", "Modbus replies garbled, truncated or mismatched.", "bus")
+	mBusExceptions  = desc("bus_exceptions_total", "Modbus exception replies.", "bus")
+	mBusFailedPolls = desc("bus_failed_polls_total", "Device polls that failed.", "bus")
+	mBusDevOnline   = desc("bus_devices_online", "Serial devices answering polls.", "bus")
+)
+
+// stationCollector reads the station, uplink, buses and broker at scrape
+// time.
+type stationCollector struct{ s *Server }
+
+func newStationCollector(s *Server) prometheus.Collector { return stationCollector{s} }
+
+func (c stationCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{mInfo, mUptime, mClockSynced,
+		mDevices, mDevicesOnline, mDevicesStatus, mDevicesMaint, mBrokerClients, mMessagesIn, mMessagesOut,
+		mBrokerAuthFail, mACLDenials, mBadInput, mHTTPAuthFail,
+		mOutboxEvents, mOutboxBytes, mOutboxOldest, mOutboxDropped, mEventsLastSeq,
+		mUplinkState, mUplinkReconnects, mUplinkConnects, mUplinkAcked,
+		mRentalsActive, mRentalsStarted, mRentalsEnded, mRentalResults, mCommandResults, mUnrentedUse,
+		mBusPortOpen, mBusOpens, mBusPortErrors, mBusRequests, mBusTimeouts, mBusCRCErrors,
+		mBusFrameErrors, mBusExceptions, mBusFailedPolls, mBusDevOnline} {
+		ch <- d
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
+	s := c.s
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+	}
+	now := s.cfg.Clock.Now()
+	gauge(mInfo, 1, s.cfg.Version, s.cfg.StationID)
+	gauge(mUptime, now.Sub(s.cfg.StartedAt).Seconds())
+	gauge(mClockSynced, b2f(s.cfg.Clock.Synced()))
+
+	states := s.cfg.Station.DeviceStates()
+	n := countDevices(states)
+	gauge(mDevices, float64(n.Total))
+	gauge(mDevicesOnline, float64(n.Online))
+	gauge(mDevicesMaint, float64(n.Maintenance))
+	byStatus := map[edged.Status]int{edged.StatusIdle: 0, edged.StatusInUse: 0, edged.StatusFault: 0, edged.StatusUnknown: 0}
+	for _, d := range states {
+		byStatus[d.Status]++
+	}
+	for st, v := range byStatus {
+		gauge(mDevicesStatus, float64(v), string(st))
+	}
+
+	if s.cfg.Broker != nil {
+		b := s.cfg.Broker()
+		gauge(mBrokerClients, float64(b.Connected))
+		counter(mMessagesIn, float64(b.MessagesIn))
+		counter(mMessagesOut, float64(b.MessagesOut))
+		counter(mBrokerAuthFail, float64(b.AuthFailures))
+		counter(mACLDenials, float64(b.ACLDenials))
+		counter(mBadInput, float64(b.BadInput))
+	}
+	counter(mHTTPAuthFail, float64(s.auth.Failures()))
+
+	u := s.uplinkStatus()
+	gauge(mOutboxEvents, float64(u.Outbox.Events))
+	gauge(mOutboxBytes, float64(u.Outbox.Bytes))
+	gauge(mOutboxOldest, float64(u.Outbox.OldestAgeS))
+	counter(mOutboxDropped, float64(u.Outbox.Dropped))
+	gauge(mEventsLastSeq, float64(u.Outbox.LastSeq))
+	for _, st := range []string{"connected", "connecting", "disabled"} {
+		gauge(mUplinkState, b2f(u.State == st), st)
+	}
+	counter(mUplinkReconnects, float64(u.Reconnects))
+	connects := u.Reconnects
+	if u.Reconnects > 0 || u.State == "connected" {
+		connects++
+	}
+	counter(mUplinkConnects, float64(connects))
+	gauge(mUplinkAcked, float64(u.LastAckedSeq))
+
+	gauge(mRentalsActive, float64(len(s.cfg.Station.ActiveRentals())))
+	st := s.cfg.Station.Stats()
+	counter(mRentalsStarted, float64(st.Started))
+	for _, r := range []edged.Reason{edged.ReasonExpired, edged.ReasonCancelled, edged.ReasonRenterEnded,
+		edged.ReasonOperator, edged.ReasonDeviceFault} {
+		if _, ok := st.Ended[r]; !ok {
+			st.Ended[r] = 0 // every end reason shows, even before it happens
+		}
+	}
+	for r, v := range st.Ended {
+		counter(mRentalsEnded, float64(v), string(r))
+	}
+	for r, v := range st.Results {
+		counter(mRentalResults, float64(v), r)
+	}
+	for r, v := range st.Commands {
+		counter(mCommandResults, float64(v), r)
+	}
+	counter(mUnrentedUse, float64(st.UnrentedUse))
+
+	buses := s.buses()
+	sort.Slice(buses, func(i, j int) bool { return buses[i].Name < buses[j].Name })
+	for i, b := range buses {
+		if i > 0 && buses[i-1].Name == b.Name {
+			continue // a duplicate label set would fail the scrape
+		}
+		gauge(mBusPortOpen, b2f(b.PortOpen), b.Name)
+		counter(mBusOpens, float64(b.Opens), b.Name)
+		counter(mBusPortErrors, float64(b.PortErrors), b.Name)
+		counter(mBusRequests, float64(b.Requests), b.Name)
+		counter(mBusTimeouts, float64(b.Timeouts), b.Name)
+		counter(mBusCRCErrors, float64(b.CRCErrors), b.Name)
+		counter(mBusFrameErrors, float64(b.FrameErrors), b.Name)
+		counter(mBusExceptions, float64(b.Exceptions), b.Name)
+		counter(mBusFailedPolls, float64(b.FailedPolls), b.Name)
+		online := 0
+		for _, d := range b.Devices {
+			if d.State == "online" {
+				online++
+			}
+		}
+		gauge(mBusDevOnline, float64(online), b.Name)
+	}
+}
+
+// promLogger sends promhttp's errors to the server's log.
+type promLogger struct{ log *slog.Logger }
+
+func (l promLogger) Println(v ...any) { l.log.Error("metrics", "err", v) }

@@ -1,0 +1,75 @@
+package web
+
+import (
+	"time"
+
+	"github.com/stationedge/edged"
+)
+
+// UplinkStatus is the cloud link as the page shows it. It mirrors
+// uplink.Status field for field, so cmd/edged converts one into the other
+// with a plain conversion; web does not import uplink.
+type UplinkStatus struct {
+	// State is "connected", "connecting" or "disabled".
+	State string
+	// ConnectedSince is when the current connection came up; zero unless
+	// connected.
+	ConnectedSince time.Time
+	Outbox         edged.OutboxStats
+	LastAckedSeq   uint64
+	Reconnects     int
+	LastError      string
+}
+
+// BusHealth is an RS-485 bus's figures, mirroring serial.BusHealth with the
+// request counters flattened.
+type BusHealth struct {
+	Name        string
+	Port        string
+	PortOpen    bool
+	Opens       uint64
+	PortErrors  uint64
+	Requests    uint64
+	Timeouts    uint64
+	CRCErrors   uint64
+	FrameErrors uint64
+	Exceptions  uint64
+	Polls       uint64
+	FailedPolls uint64
+	LastError   string
+	LastErrorAt time.Time
+	Devices     []DeviceHealth
+}
+
+// DeviceHealth is one serial device's figures, mirroring
+// serial.DeviceHealth with the request counters flattened.
+type DeviceHealth struct {
+	DeviceID string
+	Unit     int
+	// State is "unknown" before the first answer, then "online" or
+	// "offline".
+	State       string
+	Requests    uint64
+	Timeouts    uint64
+	CRCErrors   uint64
+	FrameErrors uint64
+	Exceptions  uint64
+	Polls       uint64
+	FailedPolls uint64
+	LastError   string
+	LastErrorAt time.Time
+	PollPeriod  time.Duration
+	LastPoll    time.Time
+}
+
+// BrokerStats are the local broker's counters. It mirrors local.Stats field
+// for field, so cmd/edged converts one into the other with a plain
+// conversion.
+type BrokerStats struct {
+	AuthFailures uint64 // CONNECTs refused
+	ACLDenials   uint64 // publishes and subscriptions outside a device's topics
+	BadInput     uint64 // payloads over 64 KiB or not what the topic needs
+	MessagesIn   uint64 // device messages reported to the station
+	MessagesOut  uint64 // commands published to devices
+	Connected    int    // devices connected now
+}
