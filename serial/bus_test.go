@@ -2,7 +2,6 @@ package serial
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -454,4 +453,74 @@ func TestCommandErrors(t *testing.T) {
 	})
 }
 
-var _ = errors.New
+func TestNewBusRefuses(t *testing.T) {
+	bc := edged.Bus{Name: "bus0", Port: "/dev/null", Baud: 9600}
+	profiles := map[string]edged.Profile{"charger-v1": testProfile, "broken": {}}
+	dev := func(id string, unit int, profile string) edged.Device {
+		return edged.Device{ID: id, Transport: edged.TransportSerial, Bus: "bus0", Unit: unit, Profile: profile}
+	}
+	tests := []struct {
+		name    string
+		bus     edged.Bus
+		devices []edged.Device
+	}{
+		{"no port", edged.Bus{Name: "bus0", Baud: 9600}, nil},
+		{"broadcast unit", bc, []edged.Device{dev("a", 0, "charger-v1")}},
+		{"unit 248", bc, []edged.Device{dev("a", 248, "charger-v1")}},
+		{"unit twice", bc, []edged.Device{dev("a", 1, "charger-v1"), dev("b", 1, "charger-v1")}},
+		{"no such profile", bc, []edged.Device{dev("a", 1, "charger-v2")}},
+		{"broken profile", bc, []edged.Device{dev("a", 1, "broken")}},
+		{"other bus", bc, []edged.Device{{ID: "a", Bus: "bus1", Unit: 1, Profile: "charger-v1"}}},
+	}
+	for _, tt := range tests {
+		_, err := NewBus(Config{Bus: tt.bus, Devices: tt.devices, Profiles: profiles, Reporter: newFakeReporter()})
+		if edged.ErrorCode(err) != edged.EINVALID {
+			t.Errorf("%s: err = %v, want invalid", tt.name, err)
+		}
+	}
+}
+
+// TestOpenHook: Config.Open replaces tarm/serial, and is called again
+// when the port is lost.
+func TestOpenHook(t *testing.T) {
+	s, err := sim.Start(sim.Options{Dir: t.TempDir(), Baud: 115200})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Add(1, testUnit(stateOf(1)))
+	var mu sync.Mutex
+	opens := 0
+	rep := newFakeReporter()
+	b, err := NewBus(Config{
+		Bus:      edged.Bus{Name: "bus0", Port: s.Path(), Baud: 115200, Timeout: 100 * time.Millisecond, PollInterval: 20 * time.Millisecond},
+		Devices:  []edged.Device{{ID: devID(1), Transport: edged.TransportSerial, Bus: "bus0", Unit: 1, Profile: "p"}},
+		Profiles: map[string]edged.Profile{"p": testProfile},
+		Reporter: rep,
+		Open: func(bc edged.Bus) (Port, error) {
+			mu.Lock()
+			opens++
+			mu.Unlock()
+			return OpenTarm(bc)
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.reopenMin = 10 * time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- b.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, 10*time.Second, "state", func() bool { _, ok := rep.last(devID(1)); return ok })
+	s.Unplug()
+	s.Replug()
+	waitFor(t, 10*time.Second, "reopened through the hook", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return opens >= 2 && b.Health().PortOpen
+	})
+	if err := b.Run(ctx); err == nil {
+		t.Error("a second Run on the same bus did not fail")
+	}
+}
