@@ -144,10 +144,13 @@ func TestSlowHandler(t *testing.T) {
 	}
 	time.Sleep(100 * time.Millisecond)
 	s.outbox.Append(1000, 5)
-	waitFor(t, 2*time.Second, "events while the grant is being stored", func() bool {
+	waitFor(t, 5*time.Second, "the events", func() bool {
 		seqs, _ := c.events(eventsTopic)
 		return len(seqs) == 1000
 	})
+	if r, _, _ := s.handler.snapshot(); len(r) == grants {
+		t.Fatalf("the events arrived only after all %d grants were stored (%v)", grants, grants*1500*time.Millisecond)
+	}
 	waitFor(t, 10*time.Second, "the grants stored", func() bool { r, _, _ := s.handler.snapshot(); return len(r) == grants })
 	time.Sleep(1500 * time.Millisecond)
 	if st := u.Status(); st.Reconnects != 0 || st.State != StateConnected {

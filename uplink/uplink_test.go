@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -251,7 +252,7 @@ func TestStall(t *testing.T) {
 
 	// Stall mid-drain.
 	s.outbox.Append(events, 20)
-	waitFor(t, 20*time.Second, "the drain under way", func() bool { return len(c.messages()) >= 200 })
+	waitFor(t, 20*time.Second, "the drain under way", func() bool { return u.Status().LastAckedSeq >= 200 })
 	p.Stall()
 	stalled := time.Now()
 	waitFor(t, 10*time.Second, "the stall detected", func() bool { return u.Status().State != StateConnected })
@@ -416,4 +417,32 @@ func TestRenterTopic(t *testing.T) {
 	if last.Rental != nil || last.Status != edged.StatusIdle {
 		t.Errorf("final renter state: got rental %v status %s", last.Rental, last.Status)
 	}
+}
+
+// TestRunCleansUp: after Run returns, neither the uplink's goroutines nor
+// paho's for any of its connections are left behind.
+func TestRunCleansUp(t *testing.T) {
+	m := startMosquitto(t, "")
+	p, err := faultproxy.New(m.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	before := runtime.NumGoroutine()
+	s := newStation()
+	s.states.Set(edged.DeviceState{DeviceID: "chair-1"})
+	u, err := New(s.config(t, "tcp://"+p.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := runUplink(t, u)
+	waitFor(t, 5*time.Second, "connected", func() bool { return u.Status().State == StateConnected })
+	s.outbox.Append(100, 1)
+	p.Cut()
+	waitFor(t, 5*time.Second, "the cut noticed", func() bool { return u.Status().State != StateConnected })
+	p.Restore()
+	waitFor(t, 5*time.Second, "reconnected", func() bool { return u.Status().State == StateConnected })
+	waitFor(t, 5*time.Second, "drained", func() bool { return s.outbox.Len() == 0 })
+	stop()
+	waitFor(t, 5*time.Second, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
 }
