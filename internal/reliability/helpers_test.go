@@ -154,7 +154,7 @@ func newCloud(t *testing.T) *cloud {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.srv.Close() })
-	o := mqtt.NewClientOptions().AddBroker("tcp://"+c.Addr).SetClientID("cloud-test").
+	o := mqtt.NewClientOptions().AddBroker("tcp://" + c.Addr).SetClientID("cloud-test").
 		SetProtocolVersion(4).SetAutoReconnect(true).SetCleanSession(true)
 	c.sub = mqtt.NewClient(o)
 	if tok := c.sub.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
