@@ -13,6 +13,7 @@ import (
 
 	"github.com/stationedge/edged"
 	"github.com/stationedge/edged/local"
+	"github.com/stationedge/edged/local/web"
 	"github.com/stationedge/edged/serial"
 	"github.com/stationedge/edged/store"
 	"github.com/stationedge/edged/systemd"
@@ -26,8 +27,10 @@ type Main struct {
 	Logger *slog.Logger
 	// Clock, when set, replaces the system clock (tests).
 	Clock edged.Clock
-	// LocalListener, when set, replaces local.listen (tests use :0).
+	// LocalListener and HTTPListener, when set, replace local.listen and
+	// http.listen (tests use :0).
 	LocalListener net.Listener
+	HTTPListener  net.Listener
 
 	StartedAt time.Time
 	Store     *store.DB
@@ -35,6 +38,7 @@ type Main struct {
 	Broker    *local.Broker
 	Buses     []*serial.Bus
 	Uplink    *uplink.Uplink
+	HTTP      *web.Server
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -154,6 +158,31 @@ func (m *Main) Run(ctx context.Context) error {
 		// past its quota with rental events it may never drop.
 		m.goRun(runCtx, "outbox", func(ctx context.Context) error { return releaseOutbox(ctx, db) })
 	}
+	if cfg.HTTP.Listen != "" {
+		srv, err := web.New(web.Config{
+			Listen: cfg.HTTP.Listen, Listener: m.HTTPListener, Users: cfg.HTTP.Users,
+			Station: st, Store: db, Clock: m.Clock,
+			Uplink: func() web.UplinkStatus { return web.UplinkStatus(up.Status()) },
+			Buses: func() []web.BusHealth {
+				out := make([]web.BusHealth, 0, len(m.Buses))
+				for _, b := range m.Buses {
+					out = append(out, busHealth(b.Health()))
+				}
+				return out
+			},
+			Broker:    func() web.BrokerStats { return web.BrokerStats(broker.Stats()) },
+			Healthy:   m.Healthy,
+			StationID: cfg.Station.ID, StationName: cfg.Station.Name, Version: edged.Version,
+			StartedAt: m.StartedAt, Logger: log.With("system", "http"),
+		})
+		if err != nil {
+			return fmt.Errorf("http: %w", err)
+		}
+		if err := srv.Start(runCtx); err != nil {
+			return fmt.Errorf("http: %w", err)
+		}
+		m.HTTP = srv
+	}
 	m.goRun(runCtx, "systemd", func(ctx context.Context) error {
 		systemd.Watchdog(ctx, m.Healthy)
 		return nil
@@ -162,7 +191,7 @@ func (m *Main) Run(ctx context.Context) error {
 
 	log.Info("edged serving", "version", edged.Version, "station", cfg.Station.ID,
 		"devices", len(cfg.Devices), "local", broker.Addr().String(), "data_dir", cfg.DataDir,
-		"uplink", cfg.Uplink.URL != "")
+		"uplink", cfg.Uplink.URL != "", "http", m.httpAddr())
 	if err := systemd.Ready(); err != nil {
 		log.Warn("notify systemd", "err", err)
 	}
@@ -233,6 +262,11 @@ func (m *Main) uplinkState() string {
 func (m *Main) Close() error {
 	var errs []error
 	m.closed.Do(func() {
+		if m.HTTP != nil {
+			if err := m.HTTP.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("close http: %w", err))
+			}
+		}
 		if m.cancel != nil {
 			m.cancel()
 		}
@@ -291,4 +325,27 @@ func (r *commandRouter) Send(ctx context.Context, id string, c edged.DeviceComma
 		return &edged.Error{Code: edged.ENOTFOUND, Reason: edged.ReasonUnknownDevice, Message: "no link to device " + id}
 	}
 	return l.Send(ctx, id, c)
+}
+
+// httpAddr is where the status page listens, or "" without one.
+func (m *Main) httpAddr() string {
+	if m.HTTP == nil {
+		return ""
+	}
+	return m.HTTP.Addr().String()
+}
+
+// busHealth is serial.BusHealth as the status page takes it.
+func busHealth(h serial.BusHealth) web.BusHealth {
+	out := web.BusHealth{Name: h.Name, Port: h.Port, PortOpen: h.PortOpen, Opens: h.Opens, PortErrors: h.PortErrors,
+		Requests: h.Requests, Timeouts: h.Timeouts, CRCErrors: h.CRCErrors, FrameErrors: h.FrameErrors,
+		Exceptions: h.Exceptions, Polls: h.Polls, FailedPolls: h.FailedPolls,
+		LastError: h.LastError, LastErrorAt: h.LastErrorAt}
+	for _, d := range h.Devices {
+		out.Devices = append(out.Devices, web.DeviceHealth{DeviceID: d.DeviceID, Unit: d.Unit, State: d.State,
+			Requests: d.Requests, Timeouts: d.Timeouts, CRCErrors: d.CRCErrors, FrameErrors: d.FrameErrors,
+			Exceptions: d.Exceptions, Polls: d.Polls, FailedPolls: d.FailedPolls,
+			LastError: d.LastError, LastErrorAt: d.LastErrorAt, PollPeriod: d.PollPeriod, LastPoll: d.LastPoll})
+	}
+	return out
 }

@@ -247,7 +247,7 @@ edged demo: station %q with %d chairs (MQTT) and %d chargers (RS-485), all simul
   data          %s (removed on exit)
 Ctrl-C stops it.
 
-`, d.station, d.opts.Chairs, d.opts.Chargers, d.opts.HTTP, d.user, d.pass,
+`, d.station, d.opts.Chairs, d.opts.Chargers, d.main.httpAddr(), d.user, d.pass,
 		d.main.Broker.Addr(), d.proxy.Addr(), d.opts.OutageFor, d.opts.OutageEvery, d.dir)
 }
 

@@ -3,7 +3,9 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -258,5 +260,55 @@ func TestBadDeviceInputIsCountedAndNotStored(t *testing.T) {
 			d.Disconnect()
 			t.Fatalf("device %q connected", id)
 		}
+	}
+}
+
+func TestStatusPageIsWired(t *testing.T) {
+	cfg := testConfig(t, "chair-1")
+	cfg.HTTP.Listen = "127.0.0.1:0"
+	hl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := NewMain(cfg, nil)
+	m.LocalListener, m.HTTPListener = ln, hl
+	if err := m.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	chair := &devicesim.Device{ID: "chair-1", Secret: "secret", Broker: "tcp://" + ln.Addr().String()}
+	if err := chair.Connect(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	defer chair.Disconnect()
+	base := "http://" + hl.Addr().String()
+	get := func(path string) (int, string) {
+		resp, err := http.Get(base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get("/healthz"); code != 200 || strings.TrimSpace(body) != "ok" {
+		t.Fatalf("healthz = %d %q", code, body)
+	}
+	waitFor(t, "status shows the chair online", func() bool {
+		_, body := get("/api/v1/status")
+		var st struct {
+			Station string `json:"station"`
+			Uplink  struct{ State string }
+			Devices struct{ Total, Online int }
+		}
+		json.Unmarshal([]byte(body), &st)
+		return st.Station == "mall-1" && st.Uplink.State == "disabled" && st.Devices.Total == 1 && st.Devices.Online == 1
+	})
+	if code, body := get("/api/v1/devices/nope"); code != 404 || !strings.Contains(body, `"error"`) {
+		t.Fatalf("unknown device = %d %s", code, body)
 	}
 }
