@@ -5,9 +5,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/stationedge/edged/internal/faultproxy"
 )
 
 // cloudConfig is the stand-in cloud's mosquitto: it never drops a QoS 1
@@ -121,6 +124,11 @@ func publishBacklog(addr string, devices, total int, creds bool) (int64, time.Du
 	return f.acked(), time.Since(t0), nil
 }
 
+// drainKills are the kill patterns: none; SIGKILL 3 s after the backlog is
+// in (offline); SIGKILL at once after the last PUBACK (acked); SIGKILL when
+// 30% has reached the cloud (mid).
+var drainKills = []string{"none", "offline", "acked", "mid"}
+
 // drainCase is one gateway under one kill pattern.
 type drainCase struct {
 	gateway string // edged, mosquitto-default, mosquitto-safe
@@ -145,8 +153,34 @@ type gateway interface {
 
 func (b *bench) runDrain(dc drainCase, total int) (drainResult, error) {
 	var res drainResult
-	cloudAddr := freeAddr()
 	const devices = 100
+	// The cloud runs from the start with the bench's subscriber on it, so
+	// nothing the gateway delivers can arrive before the subscription; the
+	// gateway reaches it through a proxy that refuses every connection
+	// (accepts and closes) until the cloud "comes up".
+	cloud, err := b.startMosquitto("cloud-"+dc.gateway+"-"+dc.kill, mosqOptions{extra: cloudConfig})
+	if err != nil {
+		return res, err
+	}
+	defer cloud.kill(9)
+	c := newCounter()
+	filter, env := "devices/+/events", false
+	if dc.gateway == "edged" {
+		filter, env = "stations/"+stationID+"/up/events", true
+	}
+	sub, err := cloudSubscriber(cloud.addr, filter, env, c)
+	if err != nil {
+		return res, err
+	}
+	defer sub.Close()
+	link, err := faultproxy.New(cloud.addr)
+	if err != nil {
+		return res, err
+	}
+	defer link.Close()
+	link.Cut()
+	cloudAddr := link.Addr()
+
 	var (
 		gw    gateway
 		creds bool
@@ -175,28 +209,20 @@ func (b *bench) runDrain(dc drainCase, total int) (drainResult, error) {
 		return res, fmt.Errorf("backlog: %w", err)
 	}
 	res.acked, res.backlogPublishIn = acked, took
-	if dc.kill == "offline" {
+	if dc.kill == "offline" || dc.kill == "acked" {
+		// offline: stay offline a while, as a station would (mosquitto
+		// saves its queue every autosave_interval), then be killed.
+		// acked: killed at once after the last PUBACK.
+		if dc.kill == "offline" {
+			time.Sleep(3 * time.Second)
+		}
 		gw.kill(9)
 		if err := gw.restart(); err != nil {
 			return res, err
 		}
 	}
-	cloud, err := b.startMosquitto("cloud-"+dc.gateway+"-"+dc.kill, mosqOptions{addr: cloudAddr, extra: cloudConfig})
-	if err != nil {
-		return res, err
-	}
-	defer cloud.kill(9)
-	c := newCounter()
-	filter, env := "devices/+/events", false
-	if dc.gateway == "edged" {
-		filter, env = "stations/"+stationID+"/up/events", true
-	}
-	sub, err := cloudSubscriber(cloudAddr, filter, env, c)
-	if err != nil {
-		return res, err
-	}
-	defer sub.Close()
 	t0 := time.Now()
+	link.Restore()
 	if dc.kill == "mid" {
 		c.wait(acked*3/10, 30*time.Second, 120*time.Second)
 		gw.kill(9)
@@ -227,8 +253,11 @@ func (b *bench) scenarioDrain(t *table) error {
 	}
 	type key struct{ gw, kill string }
 	got := map[key]drainResult{}
-	for _, kill := range []string{"none", "offline", "mid"} {
+	for _, kill := range drainKills {
 		for _, gw := range []string{"edged", "mosquitto-default", "mosquitto-safe"} {
+			if b.cases != "" && !strings.Contains(b.cases, gw+":"+kill) {
+				continue
+			}
 			r, err := b.runDrain(drainCase{gateway: gw, kill: kill}, total)
 			if err != nil {
 				return fmt.Errorf("%s kill=%s: %w", gw, kill, err)
@@ -238,8 +267,8 @@ func (b *bench) scenarioDrain(t *table) error {
 			got[key{gw, kill}] = r
 		}
 	}
-	desc := map[string]string{"none": "no kill", "offline": "SIGKILL while offline", "mid": "SIGKILL mid-drain"}
-	for _, kill := range []string{"none", "offline", "mid"} {
+	desc := map[string]string{"none": "no kill", "offline": "SIGKILL 3 s into offline", "acked": "SIGKILL right after the last PUBACK", "mid": "SIGKILL mid-drain"}
+	for _, kill := range drainKills {
 		e := got[key{"edged", kill}]
 		d, s := got[key{"mosquitto-default", kill}], got[key{"mosquitto-safe", kill}]
 		cell := func(r drainResult) string {

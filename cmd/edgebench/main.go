@@ -33,13 +33,16 @@ func main() {
 	only := flag.String("only", "", "comma-separated scenarios to run: "+strings.Join(scenarioNames, ","))
 	keep := flag.Bool("keep", false, "keep the temp dir (configs, logs, data) for inspection")
 	verbose := flag.Bool("v", false, "print progress")
+	cases := flag.String("cases", "", "drain cases only, e.g. edged:offline,mosquitto-safe:mid (gateways edged, mosquitto-default, mosquitto-safe; kills none, offline, mid)")
+	prebuilt := flag.String("edged", "", "use this edged binary instead of building one (e.g. an unstripped build for perf)")
 	flag.Parse()
-	os.Exit(run(*quick, *only, *keep, *verbose))
+	benchBin.edged = *prebuilt
+	os.Exit(run(*quick, *only, *keep, *verbose, *cases))
 }
 
 var scenarioNames = []string{"ingest", "rental", "drain", "footprint", "wear", "restart"}
 
-func run(quick bool, only string, keep, verbose bool) int {
+func run(quick bool, only string, keep, verbose bool, cases string) int {
 	want := map[string]bool{}
 	for _, s := range strings.Split(only, ",") {
 		if s = strings.TrimSpace(s); s != "" {
@@ -63,7 +66,7 @@ func run(quick bool, only string, keep, verbose bool) int {
 		fmt.Fprintln(os.Stderr, "edgebench:", err)
 		return 1
 	}
-	b := &bench{dir: dir, quick: quick, verbose: verbose}
+	b := &bench{dir: dir, quick: quick, verbose: verbose, cases: cases}
 	cleanup := func() {
 		killAll()
 		if keep {
@@ -89,13 +92,15 @@ func run(quick bool, only string, keep, verbose bool) int {
 	}
 	moduleDir = root
 	start := time.Now()
-	b.logf("building edged")
-	bin, err := buildEdged(dir, "", "", "")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "edgebench:", err)
-		return 1
+	if benchBin.edged == "" {
+		b.logf("building edged")
+		bin, err := buildEdged(dir, "", "", "")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "edgebench:", err)
+			return 1
+		}
+		benchBin.edged = bin
 	}
-	benchBin.edged = bin
 
 	t := &table{}
 	failed := 0

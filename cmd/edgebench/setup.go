@@ -23,6 +23,7 @@ type bench struct {
 	mosquitto string
 	quick     bool
 	verbose   bool
+	cases     string // drain cases to run, e.g. "edged:offline"; empty: all
 
 	credMu sync.Mutex
 	hashes []string // bcrypt hash of secret(i), at bcrypt.MinCost
