@@ -100,8 +100,8 @@ func TestDownRedelivery(t *testing.T) {
 	}
 	waitFor(t, 5*time.Second, "connected", func() bool { return u.Status().State == StateConnected })
 	st := u.Status()
-	if st.Reconnects < 1 {
-		t.Errorf("reconnects: got %d, want at least 1", st.Reconnects)
+	if st.Reconnects < 1 || st.Connects != st.Reconnects+1 {
+		t.Errorf("reconnects %d, connects %d: want at least 1 reconnect, and one connect more", st.Reconnects, st.Connects)
 	}
 	if st.LastError == "" {
 		t.Errorf("LastError is empty after handler failures")
@@ -153,7 +153,7 @@ func TestSlowHandler(t *testing.T) {
 	}
 	waitFor(t, 10*time.Second, "the grants stored", func() bool { r, _, _ := s.handler.snapshot(); return len(r) == grants })
 	time.Sleep(1500 * time.Millisecond)
-	if st := u.Status(); st.Reconnects != 0 || st.State != StateConnected {
+	if st := u.Status(); st.Reconnects != 0 || st.Connects != 1 || st.State != StateConnected {
 		t.Fatalf("status: got %+v, want connected all along", st)
 	}
 	if r, _, calls := s.handler.snapshot(); len(r) != grants || calls != grants {

@@ -72,6 +72,8 @@ type Status struct {
 	LastAckedSeq uint64 `json:"last_acked_seq"`
 	// Reconnects counts connections made after the first one.
 	Reconnects int `json:"reconnects"`
+	// Connects counts every connection made, the first included.
+	Connects int `json:"connects"`
 	// LastError is the last connection or delivery error; it stays after
 	// the link recovers, as a hint for the technician.
 	LastError string `json:"last_error,omitempty"`
@@ -107,6 +109,7 @@ type Uplink struct {
 	connectedSince time.Time
 	lastAcked      uint64
 	reconnects     int
+	connects       int
 	lastErr        string
 }
 
@@ -261,6 +264,7 @@ func (u *Uplink) Status() Status {
 		ConnectedSince: u.connectedSince,
 		LastAckedSeq:   u.lastAcked,
 		Reconnects:     u.reconnects,
+		Connects:       u.connects,
 		LastError:      u.lastErr,
 	}
 	u.mu.Unlock()
@@ -343,6 +347,7 @@ func (u *Uplink) setConnected(since time.Time, reconnect bool) {
 	u.mu.Lock()
 	u.state = StateConnected
 	u.connectedSince = since
+	u.connects++
 	if reconnect {
 		u.reconnects++
 	}

@@ -501,7 +501,7 @@ func TestMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.src.set(func(f *fakeSources) {
-		f.uplink = web.UplinkStatus{State: "connecting", Reconnects: 4,
+		f.uplink = web.UplinkStatus{State: "connecting", Reconnects: 4, Connects: 5,
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3}}
 		f.buses = []web.BusHealth{{Name: "bus0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 2}}
 		f.broker = web.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5, AuthFailures: 6, ACLDenials: 7, BadInput: 8}

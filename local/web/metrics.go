@@ -53,7 +53,7 @@ var (
 
 	mUplinkState      = desc("uplink_state", "1 for the uplink's current state.", "state")
 	mUplinkReconnects = desc("uplink_reconnects_total", "Uplink connections made after the first.")
-	mUplinkConnects   = desc("uplink_connects_total", "Uplink connections made, first included (a lower bound: a first connection that was lost before any reconnect is not counted once the link is down).")
+	mUplinkConnects   = desc("uplink_connects_total", "Uplink connections made, the first included.")
 	mUplinkAcked      = desc("uplink_last_acked_seq", "Highest event seq acknowledged by the cloud.")
 
 	mRentalsActive  = desc("rentals_active", "Rentals starting or running.")
@@ -148,11 +148,7 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(mUplinkState, b2f(u.State == st), st)
 	}
 	counter(mUplinkReconnects, float64(u.Reconnects))
-	connects := u.Reconnects
-	if u.Reconnects > 0 || u.State == "connected" {
-		connects++
-	}
-	counter(mUplinkConnects, float64(connects))
+	counter(mUplinkConnects, float64(u.Connects))
 	gauge(mUplinkAcked, float64(u.LastAckedSeq))
 
 	gauge(mRentalsActive, float64(len(s.cfg.Station.ActiveRentals())))

@@ -18,7 +18,9 @@ type UplinkStatus struct {
 	Outbox         edged.OutboxStats
 	LastAckedSeq   uint64
 	Reconnects     int
-	LastError      string
+	// Connects counts every connection made, the first included.
+	Connects  int
+	LastError string
 }
 
 // BusHealth is an RS-485 bus's figures, mirroring serial.BusHealth with the
