@@ -1,6 +1,9 @@
 package main
 
 import (
+	"encoding/json"
+	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -62,6 +65,32 @@ func TestSerialChargerRental(t *testing.T) {
 		st, _ := s.m.Station.Device("charger-07")
 		return bus.Holding(7, 17) == 1 && st.Status == edged.StatusIdle
 	})
+
+	// The rental's events are those of an MQTT device's rental, field for
+	// field.
+	evs, _ := s.m.Store.Events(ctx, 0, 0)
+	var got []string
+	for _, e := range evs {
+		var d map[string]any
+		json.Unmarshal(e.Data, &d)
+		if d["rental_id"] != "r-ch" {
+			continue
+		}
+		keys := make([]string, 0, len(d))
+		for k := range d {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		got = append(got, string(e.Type)+" "+strings.Join(keys, ","))
+	}
+	want := []string{
+		"rental.result device_id,ok,op,rental_id",
+		"rental.started device_id,duration_s,ends_at,rental_id,renter_id,started_at",
+		"rental.ended device_id,ended_at,reason,rental_id,renter_id,used_s",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("serial rental events:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
 
 	// Someone starts charger-08 by hand: unrented use, stopped.
 	bus.Update(8, func(u *sim.Unit) { u.Holding[0] = 1 })
