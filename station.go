@@ -65,6 +65,9 @@ type Station struct {
 	live           map[string]*liveRental // starting and active rentals by id
 	pending        map[string]*pendingCommand
 	lastCheckpoint time.Time
+	unrecorded     []Change // enforced, not yet durable: retried by Tick
+	retryAt        time.Time
+	retryWait      time.Duration
 }
 
 type deviceRecord struct {
@@ -280,6 +283,7 @@ func (s *Station) Tick(ctx context.Context) time.Time {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.clock.Now()
+	s.retryLocked(ctx, now)
 	s.expireLocked(ctx, now)
 	if len(s.live) > 0 && now.Sub(s.lastCheckpoint) >= CheckpointInterval {
 		s.checkpointLocked(ctx, now)
@@ -359,11 +363,10 @@ func (s *Station) checkpointLocked(ctx context.Context, now time.Time) {
 		s.lastCheckpoint = now
 		return
 	}
+	s.lastCheckpoint = now // a refused checkpoint is retried at the next interval, not at once
 	if _, err := s.store.Commit(ctx, ch); err != nil {
 		s.log.Error("checkpoint rentals", "err", err)
-		return
 	}
-	s.lastCheckpoint = now
 }
 
 // event builds an event envelope; the store assigns its seq.
@@ -507,16 +510,47 @@ func (s *Station) endLocked(ctx context.Context, now time.Time, l *liveRental, r
 		RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
 		EndedAt: now.UTC().Round(time.Millisecond), UsedS: seconds(used), Reason: reason,
 	})}}
-	if err := s.commitLocked(ctx, ch); err != nil {
-		s.log.Error("end rental", "rental", r.ID, "err", err)
-		return err
+	// The device is stopped even when the store refuses the record: the
+	// end is enforced now and recorded as soon as the store takes it.
+	err := s.commitLocked(ctx, ch)
+	if err != nil {
+		s.log.Error("end rental: stopping the device, the record will be retried", "rental", r.ID, "err", err)
+		s.deferLocked(ch, now)
 	}
 	s.dropLiveLocked(l)
 	rec := s.devices[r.DeviceID]
 	s.stopLocked(ctx, now, rec, r.ID)
 	s.touchLocked(rec, now)
 	s.log.Info("rental ended", "rental", r.ID, "device", r.DeviceID, "reason", reason, "used_s", seconds(used))
-	return nil
+	return err
+}
+
+// deferLocked keeps a change the store refused, for Tick to retry with
+// backoff, so an enforced decision is recorded once the disk recovers.
+func (s *Station) deferLocked(ch Change, now time.Time) {
+	s.unrecorded = append(s.unrecorded, ch)
+	if s.retryWait == 0 {
+		s.retryWait = time.Second
+		s.retryAt = now.Add(s.retryWait)
+	}
+}
+
+// retryLocked commits the deferred changes, in order, once due.
+func (s *Station) retryLocked(ctx context.Context, now time.Time) {
+	if len(s.unrecorded) == 0 || now.Before(s.retryAt) {
+		return
+	}
+	for len(s.unrecorded) > 0 {
+		if err := s.commitLocked(ctx, s.unrecorded[0]); err != nil {
+			s.retryWait = min(2*s.retryWait, 30*time.Second)
+			s.retryAt = now.Add(s.retryWait)
+			s.log.Warn("record deferred rental changes", "pending", len(s.unrecorded), "retry_in", s.retryWait, "err", err)
+			return
+		}
+		s.unrecorded = s.unrecorded[1:]
+	}
+	s.retryWait = 0
+	s.log.Info("deferred rental changes recorded")
 }
 
 func (s *Station) dropLiveLocked(l *liveRental) {
@@ -539,8 +573,8 @@ func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRen
 		RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: reason,
 	})}}
 	if err := s.commitLocked(ctx, ch); err != nil {
-		s.log.Error("fail rental start", "rental", r.ID, "err", err)
-		return
+		s.log.Error("fail rental start: stopping the device, the record will be retried", "rental", r.ID, "err", err)
+		s.deferLocked(ch, now)
 	}
 	s.dropLiveLocked(l)
 	rec := s.devices[r.DeviceID]

@@ -637,3 +637,36 @@ func TestStoreFailureIsNotAcknowledged(t *testing.T) {
 	h.rental(grant("r1", "chair-1", "a", 60))
 	h.ack("chair-1", "start", true)
 }
+
+func TestFullStoreStillStopsAtTheEnd(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 10))
+	h.ack("chair-1", "start", true)
+	seq := h.lastSeq()
+
+	h.store.fail = edged.Errorf(edged.EUNAVAILABLE, "disk full")
+	h.tick(10 * time.Second)
+	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "stop" {
+		t.Fatalf("at the end with a full disk sent %+v, want stop", sent)
+	}
+	if len(h.st.ActiveRentals()) != 0 {
+		t.Fatal("the rental still runs")
+	}
+	if next := h.st.Tick(ctx); !next.After(h.clock.Now()) {
+		t.Fatalf("Tick wants to run again at once (%v): it would spin", next)
+	}
+
+	h.store.fail = nil
+	h.tick(2 * time.Second)
+	evs := h.since(seq)
+	if got := types(evs); strings.Join(got, " ") != "rental.ended" {
+		t.Fatalf("after the disk recovers: events %v, want the deferred rental.ended", got)
+	}
+	if evs[0].Data["reason"] != "expired" || evs[0].Data["used_s"] != 10.0 {
+		t.Fatalf("rental.ended = %v", evs[0].Data)
+	}
+	if r, _ := h.store.Rental(ctx, "r1"); r.State != edged.RentalEnded {
+		t.Fatalf("stored rental state = %s", r.State)
+	}
+}

@@ -85,15 +85,20 @@ type commitResult struct {
 	dropped edged.OutboxDroppedData
 }
 
+// maxIDLen bounds rental and command ids as keys. The contract's ids are at
+// most 128 characters (512 bytes of UTF-8); a longer one is a bad request,
+// not a sick disk, and must not fail inside bbolt as one.
+const maxIDLen = 512
+
 func validChange(c edged.Change) error {
 	for _, r := range c.Rentals {
-		if r.ID == "" {
-			return edged.Errorf(edged.EINVALID, "rental without an id")
+		if r.ID == "" || len(r.ID) > maxIDLen {
+			return edged.Errorf(edged.EINVALID, "rental id must be 1 to %d bytes", maxIDLen)
 		}
 	}
 	for _, r := range c.Commands {
-		if r.CmdID == "" {
-			return edged.Errorf(edged.EINVALID, "command record without a cmd_id")
+		if r.CmdID == "" || len(r.CmdID) > maxIDLen {
+			return edged.Errorf(edged.EINVALID, "cmd_id must be 1 to %d bytes", maxIDLen)
 		}
 	}
 	for _, e := range c.Events {
