@@ -23,11 +23,14 @@ func (b *bench) scenarioFootprint(t *table) error {
 		settle = 2 * time.Second
 	}
 	for _, n := range sizes {
+		var took time.Duration
 		measure := func(pid func() int, addr string, creds bool) (procStat, error) {
+			t0 := time.Now()
 			f, err := connectFleet(addr, n, 1, creds, true, nil)
 			if err != nil {
 				return procStat{}, err
 			}
+			took = time.Since(t0)
 			defer f.close()
 			time.Sleep(settle)
 			return readStat(pid()), nil
@@ -37,6 +40,7 @@ func (b *bench) scenarioFootprint(t *table) error {
 			return err
 		}
 		es, err := measure(e.pid, e.addr, true)
+		etook := took
 		e.kill(15)
 		if err != nil {
 			return fmt.Errorf("edged: %w", err)
@@ -63,6 +67,10 @@ func (b *bench) scenarioFootprint(t *table) error {
 			target, v = "< 60 MB", verdict(rss < 60, fmt.Sprintf("%.1f MB, %.0f%% of target", rss, rss/60*100))
 		}
 		t.add("footprint", fmt.Sprintf("%d idle devices: VmRSS, threads", n), cell(es), cell(ms), target, v)
+		if n > 0 {
+			t.add("footprint", fmt.Sprintf("%d devices connect at once (64 in parallel): all CONNACKed and SUBACKed", n),
+				fmt.Sprintf("%.1f s", etook.Seconds()), fmt.Sprintf("%.1f s", took.Seconds()), "", "")
+		}
 	}
 	// Binary sizes, as packaging builds them.
 	for _, a := range []struct{ arch, arm, label string }{{"arm64", "", "arm64"}, {"arm", "6", "armhf (GOARM=6)"}} {

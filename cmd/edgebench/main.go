@@ -92,6 +92,7 @@ func run(quick bool, only string, keep, verbose bool, cases string) int {
 	}
 	moduleDir = root
 	start := time.Now()
+	load0 := loadavg()
 	if benchBin.edged == "" {
 		b.logf("building edged")
 		bin, err := buildEdged(dir, "", "", "")
@@ -126,7 +127,8 @@ func run(quick bool, only string, keep, verbose bool, cases string) int {
 	if quick {
 		mode = "quick"
 	}
-	fmt.Printf("edgebench (%s run, %v, %s, %d CPUs, %s)\n\n", mode, time.Since(start).Round(time.Second), runtime.Version(), runtime.NumCPU(), cpuModel())
+	fmt.Printf("edgebench (%s run, %v, %s, %d CPUs, %s; load average %s at start, %s at end)\n\n",
+		mode, time.Since(start).Round(time.Second), runtime.Version(), runtime.NumCPU(), cpuModel(), load0, loadavg())
 	t.print(os.Stdout)
 	if failed > 0 {
 		return 1

@@ -233,3 +233,33 @@ func (n *notifySocket) Close() {
 
 // syscallSignal is a signal for proc.kill.
 type syscallSignal = syscall.Signal
+
+// machineBusy is the busy jiffies of all CPUs from /proc/stat (user, nice,
+// system, irq, softirq, steal): with the broker's and the bench's own, it
+// shows how much of the machine other processes took during a measurement.
+func machineBusy() int64 {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	var busy int64
+	for i, v := range f[1:] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		n, _ := strconv.ParseInt(v, 10, 64)
+		busy += n
+	}
+	return busy
+}
+
+func loadavg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
