@@ -39,6 +39,9 @@ type LocalConfig struct {
 	MaxPacketKB int    `yaml:"max_packet_kb"`
 	// MaxClients bounds concurrent device connections (0: no bound).
 	MaxClients int `yaml:"max_clients"`
+	// MaxPublishRate is each device's sustained publishes per second; a
+	// faster device is slowed, never dropped (0: no limit).
+	MaxPublishRate float64 `yaml:"max_publish_rate"`
 }
 
 // UplinkConfig is the cloud connection's configuration (§3).
@@ -212,6 +215,9 @@ func (c *Config) Validate(checkProfile ProfileChecker) error {
 	}
 	if c.Local.MaxClients < 0 {
 		add("local.max_clients", "must not be negative")
+	}
+	if c.Local.MaxPublishRate < 0 || c.Local.MaxPublishRate > 1e6 {
+		add("local.max_publish_rate", "must be between 0 (no limit) and 1000000")
 	}
 	if u := c.Uplink.URL; u != "" {
 		ok := false

@@ -106,6 +106,10 @@ type Config struct {
 	MaxPacketKB int
 	// MaxClients bounds the connected clients (0: unbounded).
 	MaxClients int
+	// MaxPublishRate is each device's sustained publishes per second
+	// (local.max_publish_rate); a faster device is slowed by holding its
+	// publishes, never by dropping them (0: unlimited).
+	MaxPublishRate float64
 	// Devices are the station's devices; only those with Transport mqtt
 	// may connect.
 	Devices []edged.Device
@@ -123,6 +127,7 @@ type Stats struct {
 	MessagesIn   uint64 // device messages reported to the station
 	MessagesOut  uint64 // commands published to devices
 	Connected    int    // devices connected now
+	Throttled    uint64 // publishes held back by local.max_publish_rate
 }
 
 // Broker is the devices' MQTT broker. It is safe for concurrent use.
@@ -146,8 +151,8 @@ type Broker struct {
 	serving   atomic.Bool
 	closeOnce sync.Once
 
-	authFailures, aclDenials, badInput, messagesIn, messagesOut atomic.Uint64
-	connected                                                   atomic.Int64
+	authFailures, aclDenials, badInput, messagesIn, messagesOut, throttled atomic.Uint64
+	connected                                                              atomic.Int64
 
 	warnMu   sync.Mutex
 	lastWarn map[string]time.Time
@@ -163,6 +168,9 @@ type device struct {
 	// current is the client whose session is the device's live one; a
 	// disconnect of any other (a session taken over) is stale.
 	current atomic.Pointer[mqtt.Client]
+
+	// limit is the device's publish rate limit, nil when unlimited.
+	limit *rateLimit
 
 	// qmu guards pending and orders command publishes to the device.
 	qmu     sync.Mutex
@@ -211,7 +219,7 @@ func New(cfg Config) (*Broker, error) {
 		if _, err := bcrypt.Cost([]byte(d.SecretHash)); err != nil {
 			return nil, fmt.Errorf("local: device %q: secret_hash is not a bcrypt hash", d.ID)
 		}
-		devices[d.ID] = &device{id: d.ID}
+		devices[d.ID] = &device{id: d.ID, limit: newRateLimit(cfg.MaxPublishRate)}
 		hashes[d.ID] = []byte(d.SecretHash)
 	}
 
@@ -395,6 +403,7 @@ func (b *Broker) Stats() Stats {
 		MessagesIn:   b.messagesIn.Load(),
 		MessagesOut:  b.messagesOut.Load(),
 		Connected:    int(b.connected.Load()),
+		Throttled:    b.throttled.Load(),
 	}
 }
 

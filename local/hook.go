@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -144,6 +145,17 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		b.aclDenials.Add(1)
 		b.warn("acl", "publish refused", "device", cl.ID, "topic", clip(strings.TrimPrefix(pk.TopicName, deniedPrefix)))
 		return pk, refusal(v5, qos, packets.ErrNotAuthorized)
+	}
+	if d := b.devices[cl.ID]; d != nil && d.limit != nil {
+		if wait := d.limit.reserve(time.Now()); wait > 0 {
+			b.throttled.Add(1)
+			t := time.NewTimer(wait)
+			select {
+			case <-t.C:
+			case <-b.ctx.Done():
+				t.Stop()
+			}
+		}
 	}
 	rep, err := parse(kind, pk.Payload)
 	if err != nil {

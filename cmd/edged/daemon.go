@@ -102,7 +102,8 @@ func (m *Main) Run(ctx context.Context) error {
 		TLSCertFile: cfg.Local.TLSCertFile, TLSKeyFile: cfg.Local.TLSKeyFile,
 		WSListen: cfg.Local.WSListen, Listener: m.LocalListener,
 		MaxPacketKB: cfg.Local.MaxPacketKB, MaxClients: cfg.Local.MaxClients,
-		Devices: cfg.Devices, Reporter: st, Logger: log.With("system", "local"),
+		MaxPublishRate: cfg.Local.MaxPublishRate,
+		Devices:        cfg.Devices, Reporter: st, Logger: log.With("system", "local"),
 	})
 	if err != nil {
 		return fmt.Errorf("local broker: %w", err)

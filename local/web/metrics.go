@@ -43,6 +43,7 @@ var (
 	mBrokerAuthFail = desc("local_auth_failures_total", "Device CONNECTs refused on the local broker.")
 	mACLDenials     = desc("local_acl_denials_total", "Device publishes and subscriptions refused by the ACL.")
 	mBadInput       = desc("local_bad_input_total", "Device payloads dropped as too large or malformed.")
+	mThrottled      = desc("local_throttled_total", "Device publishes held back by local.max_publish_rate.")
 	mHTTPAuthFail   = desc("http_auth_failures_total", "HTTP requests refused for wrong credentials.")
 
 	mOutboxEvents  = desc("outbox_events", "Events queued for the cloud.")
@@ -84,7 +85,7 @@ func newStationCollector(s *Server) prometheus.Collector { return stationCollect
 func (c stationCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{mInfo, mUptime, mClockSynced,
 		mDevices, mDevicesOnline, mDevicesStatus, mDevicesMaint, mBrokerClients, mMessagesIn, mMessagesOut,
-		mBrokerAuthFail, mACLDenials, mBadInput, mHTTPAuthFail,
+		mBrokerAuthFail, mACLDenials, mBadInput, mThrottled, mHTTPAuthFail,
 		mOutboxEvents, mOutboxBytes, mOutboxOldest, mOutboxDropped, mEventsLastSeq,
 		mUplinkState, mUplinkReconnects, mUplinkConnects, mUplinkAcked,
 		mRentalsActive, mRentalsStarted, mRentalsEnded, mRentalResults, mCommandResults, mUnrentedUse,
@@ -135,6 +136,7 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(mBrokerAuthFail, float64(b.AuthFailures))
 		counter(mACLDenials, float64(b.ACLDenials))
 		counter(mBadInput, float64(b.BadInput))
+		counter(mThrottled, float64(b.Throttled))
 	}
 	counter(mHTTPAuthFail, float64(s.auth.Failures()))
 

@@ -74,4 +74,5 @@ type BrokerStats struct {
 	MessagesIn   uint64 // device messages reported to the station
 	MessagesOut  uint64 // commands published to devices
 	Connected    int    // devices connected now
+	Throttled    uint64 // publishes held back by local.max_publish_rate
 }
