@@ -19,7 +19,7 @@ type ingestResult struct {
 	acked      int64 // PUBACKs over the measured interval
 	connect    time.Duration
 	benchPct   float64 // this process (the load generator), % of one core
-	otherPct   float64 // every other process on the machine, % of one core
+	otherPct   float64 // the rest of the machine (other processes, kernel softirq), % of one core
 }
 
 // ingestWindow is each device's QoS 1 publishes in flight. mochi (edged)
@@ -129,7 +129,7 @@ func (b *bench) scenarioIngest(t *table) error {
 			sc := "ingest " + kind
 			t.add(sc, fmt.Sprintf("%d devices: msg/s PUBACKed", n), fmtRate(er.rate), fmtRate(mr.rate), "", "")
 			cpu := func(r ingestResult) string {
-				return fmt.Sprintf("%.0f (load generator %.0f, other processes %.0f)", r.cpuPct, r.benchPct, max(r.otherPct, 0))
+				return fmt.Sprintf("%.0f (load generator %.0f, rest of machine %.0f)", r.cpuPct, r.benchPct, max(r.otherPct, 0))
 			}
 			t.add(sc, fmt.Sprintf("%d devices: CPU %% of one core", n), cpu(er), cpu(mr), "", "")
 			t.add(sc, fmt.Sprintf("%d devices: VmHWM / VmRSS MB", n), fmt.Sprintf("%.1f / %.1f", er.hwmMB, er.rssMB), fmt.Sprintf("%.1f / %.1f", mr.hwmMB, mr.rssMB), "", "")

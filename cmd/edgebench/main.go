@@ -127,8 +127,8 @@ func run(quick bool, only string, keep, verbose bool, cases string) int {
 	if quick {
 		mode = "quick"
 	}
-	fmt.Printf("edgebench (%s run, %v, %s, %d CPUs, %s; load average %s at start, %s at end)\n\n",
-		mode, time.Since(start).Round(time.Second), runtime.Version(), runtime.NumCPU(), cpuModel(), load0, loadavg())
+	fmt.Printf("edgebench (%s run, %v, edged at %s, %s, %d CPUs, %s; load average %s at start, %s at end)\n\n",
+		mode, time.Since(start).Round(time.Second), gitHead(), runtime.Version(), runtime.NumCPU(), cpuModel(), load0, loadavg())
 	t.print(os.Stdout)
 	if failed > 0 {
 		return 1
@@ -148,6 +148,18 @@ func moduleRoot() (string, error) {
 		return "", fmt.Errorf("run edgebench inside the edged module (go run ./cmd/edgebench)")
 	}
 	return filepath.Dir(p), nil
+}
+
+// gitHead names the commit measured; "+dirty" when the tree has changes
+// (others may be editing the checkout while the bench runs).
+func gitHead() string {
+	cmd := exec.Command("git", "describe", "--always", "--dirty=+dirty")
+	cmd.Dir = moduleDir
+	out, err := cmd.Output()
+	if err != nil {
+		return "unknown commit"
+	}
+	return strings.TrimSpace(string(out))
 }
 
 func cpuModel() string {
