@@ -42,6 +42,10 @@ type StationOptions struct {
 // device reports, and records every decision in the Store before it is
 // acknowledged to anyone. All its rules live in this file.
 //
+// A decision, once begun, is carried out whole: its store commits and
+// device commands do not heed the caller's cancellation, so a cloud
+// connection dropping mid-message cannot leave a rental half started.
+//
 // Rental time runs on the monotonic clock: a rental's used time is the
 // time used at its last base (start ack or resume) plus the monotonic time
 // since. Wall times in events are informative and flagged with
@@ -280,6 +284,7 @@ func (s *Station) Run(ctx context.Context) error {
 // Tick applies every rule that depends on time passing, as of the clock's
 // now, and returns when it next needs to run.
 func (s *Station) Tick(ctx context.Context) time.Time {
+	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.clock.Now()
@@ -593,6 +598,7 @@ func (s *Station) touchLocked(rec *deviceRecord, now time.Time) {
 // the message's effect and its result are durable; a refusal is reported as
 // a rental.result event, not as an error.
 func (s *Station) Rental(ctx context.Context, payload []byte) error {
+	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	m, perr := ParseRentalMessage(payload)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -798,6 +804,7 @@ func (s *Station) cancelLocked(ctx context.Context, now time.Time, m RentalMessa
 // rental; action "end" ends the rental. Every command gets a
 // command.result, now or when the device answers.
 func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
+	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	c, perr := ParseRenterCommand(payload)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -885,6 +892,7 @@ func (s *Station) finishRenterLocked(ctx context.Context, now time.Time, p *pend
 // returns during its rental gets start again with the time left; one whose
 // rental ended while it was away gets its stop.
 func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool) error {
+	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	rec, ok := s.devices[deviceID]
@@ -923,6 +931,7 @@ func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool
 // (device_fault); in_use with no rental is unrented use, and the device is
 // stopped.
 func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateReport) error {
+	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	rec, ok := s.devices[deviceID]
@@ -1018,6 +1027,7 @@ func (s *Station) DeviceEvent(ctx context.Context, deviceID string, event []byte
 
 // DeviceAck matches a device's ack to the command it answers.
 func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) error {
+	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p, ok := s.pending[a.CmdID]
@@ -1109,6 +1119,7 @@ func (s *Station) StatesChanged() <-chan struct{} { return s.changed }
 // SetMaintenance puts a device in or out of maintenance: in maintenance it
 // takes no new rental; a running one continues. Errors: ENOTFOUND.
 func (s *Station) SetMaintenance(ctx context.Context, id string, on bool) error {
+	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	rec, ok := s.devices[id]
@@ -1126,6 +1137,7 @@ func (s *Station) SetMaintenance(ctx context.Context, id string, on bool) error 
 // EndRental ends a starting or active rental for reason (operator for a
 // technician's request). Errors: ENOTFOUND when no such rental is running.
 func (s *Station) EndRental(ctx context.Context, rentalID string, reason Reason) error {
+	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	l, ok := s.live[rentalID]

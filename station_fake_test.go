@@ -33,6 +33,9 @@ func (m *memStore) Commit(ctx context.Context, c edged.Change) ([]edged.Event, e
 	if m.fail != nil {
 		return nil, m.fail
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, err // as the real store: a cancelled commit is not made
+	}
 	for _, r := range c.Rentals {
 		m.rentals[r.ID] = r
 	}
@@ -160,6 +163,9 @@ func (f *fakeDevices) Send(ctx context.Context, id string, c edged.DeviceCommand
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.fail[id]; err != nil {
+		return err
+	}
+	if err := ctx.Err(); err != nil {
 		return err
 	}
 	f.sent = append(f.sent, sentCommand{id, c})

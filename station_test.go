@@ -670,3 +670,26 @@ func TestFullStoreStillStopsAtTheEnd(t *testing.T) {
 		t.Fatalf("stored rental state = %s", r.State)
 	}
 }
+
+// A cloud connection that drops while its grant is being handled cancels
+// the handler's context; the grant is still carried out whole.
+func TestCancelledCallerStillCompletesDecision(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	b, _ := json.Marshal(grant("r1", "chair-1", "alice", 60))
+	if err := h.st.Rental(cctx, b); err != nil {
+		t.Fatalf("grant with a cancelled caller: %v", err)
+	}
+	sent := h.dev.take()
+	if len(sent) != 1 || sent[0].Cmd.Action != "start" {
+		t.Fatalf("sent %+v, want start", sent)
+	}
+	if err := h.st.DeviceAck(cctx, "chair-1", edged.CommandAck{CmdID: sent[0].Cmd.CmdID, OK: true}); err != nil {
+		t.Fatal(err)
+	}
+	if got := results(h.since(0)); strings.Join(got, " ") != "ok" {
+		t.Fatalf("results = %v", got)
+	}
+}
