@@ -180,7 +180,7 @@ func (m *Main) Run(ctx context.Context) error {
 			return fmt.Errorf("http: %w", err)
 		}
 		if err := srv.Start(runCtx); err != nil {
-			return fmt.Errorf("http: %w", err)
+			return err // web says "http: listen: ..."
 		}
 		m.HTTP = srv
 	}
