@@ -44,8 +44,8 @@ func (c *counter) add(key string) {
 	}
 }
 
-// wait returns once want unique ids arrived, or nothing arrived for idle,
-// or after max.
+// wait returns once want unique ids arrived, or nothing arrived for idle
+// (20 s before the first one: a gateway's reconnect delay), or after max.
 func (c *counter) wait(want int64, idle, max time.Duration) {
 	deadline := time.Now().Add(max)
 	lastN, lastT := c.progress.Load(), time.Now()
@@ -54,9 +54,13 @@ func (c *counter) wait(want int64, idle, max time.Duration) {
 		if n >= want {
 			return
 		}
+		limit := idle
+		if n == 0 {
+			limit = 20 * time.Second
+		}
 		if n != lastN {
 			lastN, lastT = n, time.Now()
-		} else if time.Since(lastT) > idle {
+		} else if time.Since(lastT) > limit {
 			return
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -224,13 +228,13 @@ func (b *bench) runDrain(dc drainCase, total int) (drainResult, error) {
 	t0 := time.Now()
 	link.Restore()
 	if dc.kill == "mid" {
-		c.wait(acked*3/10, 30*time.Second, 120*time.Second)
+		c.wait(acked*3/10, b.idle(30*time.Second), 120*time.Second)
 		gw.kill(9)
 		if err := gw.restart(); err != nil {
 			return res, err
 		}
 	}
-	c.wait(acked, 15*time.Second, 600*time.Second)
+	c.wait(acked, b.idle(15*time.Second), 600*time.Second)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	res.unique = len(c.seen)
@@ -249,7 +253,7 @@ func (b *bench) runDrain(dc drainCase, total int) (drainResult, error) {
 func (b *bench) scenarioDrain(t *table) error {
 	total := 100000
 	if b.quick {
-		total = 20000
+		total = 10000
 	}
 	type key struct{ gw, kill string }
 	got := map[key]drainResult{}
@@ -305,3 +309,12 @@ type mosqGateway struct{ *mosqRun }
 func (g mosqGateway) kill(sig syscallSignal) { g.mosqRun.proc.kill(sig) }
 func (g mosqGateway) restart() error         { return g.mosqRun.restart() }
 func (g mosqGateway) deviceAddr() string     { return g.addr }
+
+// idle is how long a drain waits with nothing arriving before it counts
+// the rest as lost: shorter in a quick run.
+func (b *bench) idle(full time.Duration) time.Duration {
+	if b.quick {
+		return full / 3
+	}
+	return full
+}

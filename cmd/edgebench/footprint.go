@@ -21,6 +21,7 @@ func (b *bench) scenarioFootprint(t *table) error {
 	settle := 5 * time.Second
 	if b.quick {
 		settle = 2 * time.Second
+		sizes = []int{0, 1000} // 5,000 only in the full run
 	}
 	for _, n := range sizes {
 		var took time.Duration
@@ -105,7 +106,7 @@ func mosqSize() string {
 func (b *bench) scenarioWear(t *table) error {
 	dur := 30 * time.Second // spans at least two 10 s flushes of device states
 	if b.quick {
-		dur = 12 * time.Second
+		dur = 8 * time.Second
 	}
 	const n = 100
 	for _, kind := range []string{"telemetry", "events"} {

@@ -2,8 +2,8 @@
 // otherwise choose, mosquitto with a bridge (plus scripts), on the same
 // machine in the same run, and prints one markdown table.
 //
-//	go run ./cmd/edgebench            # full run, about 15 minutes
-//	go run ./cmd/edgebench -quick     # about 2 minutes
+//	go run ./cmd/edgebench            # full run, about 12 minutes
+//	go run ./cmd/edgebench -quick     # about 4 minutes
 //	go run ./cmd/edgebench -only ingest,drain
 //
 // It builds the real edged binary into a temp dir, runs it and Debian's
@@ -29,7 +29,7 @@ import (
 )
 
 func main() {
-	quick := flag.Bool("quick", false, "smaller loads and shorter runs (about 2 minutes)")
+	quick := flag.Bool("quick", false, "smaller loads and shorter runs (about 4 minutes instead of 12)")
 	only := flag.String("only", "", "comma-separated scenarios to run: "+strings.Join(scenarioNames, ","))
 	keep := flag.Bool("keep", false, "keep the temp dir (configs, logs, data) for inspection")
 	verbose := flag.Bool("v", false, "print progress")
