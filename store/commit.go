@@ -48,14 +48,20 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 	db.outMu.RLock()
 	defer db.outMu.RUnlock()
 	var res commitResult
-	err := db.bolt.Batch(func(tx *bolt.Tx) error {
+	fn := func(tx *bolt.Tx) error {
 		if db.testHookCommit != nil {
 			db.testHookCommit()
 		}
 		// A batch function may run again after a rollback: start over.
 		res = commitResult{}
 		return db.commitTx(tx, c, rentals, commands, &res)
-	})
+	}
+	var err error
+	if groupable(c) || db.testAlwaysBatch {
+		err = db.bolt.Batch(fn)
+	} else {
+		err = db.bolt.Update(fn)
+	}
 	err = storeErr("commit", err)
 	db.setHealth(err)
 	if err != nil {
@@ -77,6 +83,23 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		db.warnOverQuota(res.snap.Bytes)
 	}
 	return res.events, nil
+}
+
+// groupable reports whether c is worth waiting for a group commit: device
+// events arrive from many connections at once and share one fsync. The
+// station's own changes (rentals, command records, presence) are made one
+// at a time under its lock, so a batch would only ever hold one of them
+// and each would wait out bbolt's batch delay for nothing.
+func groupable(c edged.Change) bool {
+	if len(c.Rentals) > 0 || len(c.Commands) > 0 {
+		return false
+	}
+	for _, e := range c.Events {
+		if e.Type != edged.EventDeviceEvent {
+			return false
+		}
+	}
+	return true
 }
 
 type commitResult struct {

@@ -181,7 +181,8 @@ type DB struct {
 
 	// testHookCommit, when set, runs at the start of every run of a commit's
 	// batch function.
-	testHookCommit func()
+	testHookCommit  func()
+	testAlwaysBatch bool // tests: every commit through bbolt.Batch
 
 	stop      chan struct{}
 	wg        sync.WaitGroup

@@ -608,6 +608,7 @@ func TestBatchFunctionRunsTwice(t *testing.T) {
 	}
 	base := db.OutboxStats(t0).LastSeq
 	db.bolt.MaxBatchDelay = 200 * time.Millisecond
+	db.testAlwaysBatch = true // rental changes take bbolt.Update otherwise
 	var runs atomic.Int64
 	db.testHookCommit = func() { runs.Add(1) }
 
@@ -904,5 +905,24 @@ func TestQuotaAccountingSeenByConsumer(t *testing.T) {
 	}
 	if got := db.OutboxStats(t0).Dropped; got != missing {
 		t.Errorf("OutboxStats.Dropped = %d, want %d", got, missing)
+	}
+}
+
+func TestGroupable(t *testing.T) {
+	cases := []struct {
+		name string
+		c    edged.Change
+		want bool
+	}{
+		{"device events", edged.Change{Events: []edged.Event{deviceEvent(1), deviceEvent(2)}}, true},
+		{"a rental", edged.Change{Rentals: []edged.Rental{{ID: "r"}}}, false},
+		{"a command record", edged.Change{Commands: []edged.CommandRecord{{CmdID: "c"}}}, false},
+		{"a rental event", edged.Change{Events: []edged.Event{rentalEvent("r")}}, false},
+		{"device online", edged.Change{Events: []edged.Event{{Type: edged.EventDeviceOnline}}}, false},
+	}
+	for _, tc := range cases {
+		if got := groupable(tc.c); got != tc.want {
+			t.Errorf("%s: groupable = %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }
