@@ -147,7 +147,7 @@ func DefaultConfig() Config {
 		Local:   LocalConfig{Listen: ":1883", MaxPacketKB: 4096},
 		Uplink: UplinkConfig{
 			TopicRoot: "stations", OutboxMaxMB: 64,
-			ReconnectMax: 60 * time.Second, KeepAlive: 30 * time.Second, Window: 64,
+			ReconnectMax: 60 * time.Second, KeepAlive: 30 * time.Second, Window: 256,
 		},
 		Rentals: RentalsConfig{StartTimeout: 5 * time.Second},
 		HTTP:    HTTPConfig{Listen: "127.0.0.1:8080"},

@@ -62,7 +62,9 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 		return nil
 	}
 	var snap *snapshot
-	err := db.bolt.Batch(func(tx *bolt.Tx) error {
+	// One releaser at a time (the uplink's acker) calls Ack: a batch would
+	// only add bbolt's batch delay to every release.
+	err := db.bolt.Update(func(tx *bolt.Tx) error {
 		snap = nil
 		st, err := readState(tx)
 		if err != nil {

@@ -209,6 +209,7 @@ func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 		case err := <-s.lost:
 			return err
 		case <-head:
+		case <-u.released:
 		case <-u.cfg.Outbox.Notify():
 			moreEvents = true
 		case <-u.cfg.States.StatesChanged():
@@ -257,7 +258,10 @@ func (s *session) retire() error {
 	return nil
 }
 
-func (s *session) room() int { return s.u.cfg.Window - len(s.window) }
+// room is how many more publishes may start: the window holds those
+// awaiting their PUBACK and those PUBACKed but not yet released from the
+// outbox, so a crash repeats at most a window of events.
+func (s *session) room() int { return s.u.cfg.Window - len(s.window) - s.acks.unreleased() }
 
 // publish sends one QoS 1 message and puts it in the window.
 func (s *session) publish(client mqtt.Client, topic string, retained bool, payload []byte, seq uint64) error {

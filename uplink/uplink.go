@@ -84,7 +84,7 @@ const (
 	defaultTopicRoot    = "stations"
 	defaultKeepAlive    = 30 * time.Second
 	defaultReconnectMax = 60 * time.Second
-	defaultWindow       = 64
+	defaultWindow       = 256
 )
 
 // Uplink is the cloud connection. Create it with New, run it with Run;
@@ -99,6 +99,9 @@ type Uplink struct {
 	topics   topics
 
 	runMu sync.Mutex // held by Run: one Run at a time
+
+	// released is signalled when the acker frees room in the window.
+	released chan struct{}
 
 	// Owned by Run's goroutine (sessions run one after another).
 	pubacked      uint64 // highest seq PUBACKed: the next session resends after it
@@ -122,7 +125,7 @@ type topics struct {
 // uplink ready to Run. With no URL the uplink is disabled: Run only waits
 // (offline-only operation is a supported mode).
 func New(cfg Config) (*Uplink, error) {
-	u := &Uplink{cfg: cfg, state: StateConnecting}
+	u := &Uplink{cfg: cfg, state: StateConnecting, released: make(chan struct{}, 1)}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
@@ -386,7 +389,18 @@ type acker struct {
 	u       *Uplink
 	mu      sync.Mutex
 	pending []uint64
-	wake    chan struct{}
+	// held counts events PUBACKed but not yet released from the outbox,
+	// queued or in a release commit. They count against the window: a
+	// crash resends them, so the window bounds what a crash repeats.
+	held int
+	wake chan struct{}
+}
+
+// unreleased is how many PUBACKed events the outbox still holds.
+func (a *acker) unreleased() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.held
 }
 
 func newAcker(u *Uplink) *acker {
@@ -397,6 +411,7 @@ func newAcker(u *Uplink) *acker {
 func (a *acker) add(seqs ...uint64) {
 	a.mu.Lock()
 	a.pending = append(a.pending, seqs...)
+	a.held += len(seqs)
 	a.mu.Unlock()
 	select {
 	case a.wake <- struct{}{}:
@@ -447,12 +462,25 @@ func (a *acker) flush(ctx context.Context) error {
 		a.mu.Unlock()
 		return err
 	}
+	a.mu.Lock()
+	a.held -= len(seqs)
+	a.mu.Unlock()
+	a.u.kickSession()
 	max := uint64(0)
 	for _, s := range seqs {
 		max = maxU(max, s)
 	}
 	a.u.setAcked(max)
 	return nil
+}
+
+// kickSession wakes the publishing loop after the outbox released events,
+// since their room in the window is free again.
+func (u *Uplink) kickSession() {
+	select {
+	case u.released <- struct{}{}:
+	default:
+	}
 }
 
 func maxU(a, b uint64) uint64 {

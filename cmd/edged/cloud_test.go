@@ -293,6 +293,10 @@ devices:
 		if counts >= backlog && uint64(len(seqs)) == max {
 			want = max
 			t.Logf("%d kills during the drain: %d distinct seqs delivered, %d repeats, none lost", kills, len(seqs), repeats)
+			// A crash repeats at most the window (16 here).
+			if repeats > kills*16 {
+				t.Fatalf("%d repeats after %d kills: more than the window of 16 per kill", repeats, kills)
+			}
 			break
 		}
 		if time.Now().After(deadline) {
