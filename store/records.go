@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"slices"
+	"sort"
 
 	"github.com/stationedge/edged"
 	bolt "go.etcd.io/bbolt"
@@ -215,37 +216,50 @@ func (db *DB) flushDevices() error {
 		return nil
 	}
 	pending := make(map[string]bufferedState, len(db.devBuf))
+	ids := make([]string, 0, len(db.devBuf))
 	for id, b := range db.devBuf {
 		pending[id] = b
+		ids = append(ids, id)
 	}
 	db.devMu.Unlock()
+	sort.Strings(ids) // in key order, bbolt touches each page once
 
-	vals := make(map[string][]byte, len(pending))
-	for id, b := range pending {
-		v, err := json.Marshal(b.state)
-		if err != nil {
-			return internalErr("encode device state", err)
+	// A few hundred states per transaction: one big transaction would hold
+	// bbolt's only writer for long enough to stall the rentals' commits.
+	for len(ids) > 0 {
+		n := min(len(ids), flushChunk)
+		chunk := ids[:n]
+		ids = ids[n:]
+		vals := make([][]byte, len(chunk))
+		for i, id := range chunk {
+			v, err := json.Marshal(pending[id].state)
+			if err != nil {
+				return internalErr("encode device state", err)
+			}
+			vals[i] = v
 		}
-		vals[id] = v
-	}
-	err := db.update("flush device states", func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketDevices)
-		for id, v := range vals {
-			if err := b.Put([]byte(id), v); err != nil {
-				return err
+		err := db.update("flush device states", func(tx *bolt.Tx) error {
+			b := tx.Bucket(bucketDevices)
+			for i, id := range chunk {
+				if err := b.Put([]byte(id), vals[i]); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		db.devMu.Lock()
+		for _, id := range chunk {
+			if cur, ok := db.devBuf[id]; ok && cur.ver == pending[id].ver {
+				delete(db.devBuf, id)
 			}
 		}
-		return nil
-	})
-	if err != nil {
-		return err
+		db.devMu.Unlock()
 	}
-	db.devMu.Lock()
-	for id, b := range pending {
-		if cur, ok := db.devBuf[id]; ok && cur.ver == b.ver {
-			delete(db.devBuf, id)
-		}
-	}
-	db.devMu.Unlock()
 	return nil
 }
+
+// flushChunk is how many device states one flush transaction writes.
+const flushChunk = 256

@@ -926,3 +926,24 @@ func TestGroupable(t *testing.T) {
 		}
 	}
 }
+
+// Many devices flush in several transactions, and every state survives.
+func TestFlushManyDevicesInChunks(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "edged.db")
+	db := openTest(t, path, Options{FlushInterval: time.Hour})
+	const n = 3*flushChunk + 7
+	for i := range n {
+		db.SaveDeviceState(edged.DeviceState{DeviceID: fmt.Sprintf("dev-%04d", i), Status: edged.StatusIdle, Telemetry: map[string]any{"i": float64(i)}})
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db = openTest(t, path, Options{})
+	got, err := db.DeviceStates(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != n {
+		t.Fatalf("%d device states after reopen, want %d", len(got), n)
+	}
+}
