@@ -75,8 +75,11 @@ type Station struct {
 }
 
 type deviceRecord struct {
-	dev          Device
-	state        DeviceState
+	dev   Device
+	state DeviceState
+	// snap is a copy of state taken at its last change, shared read-only
+	// with readers, so DeviceStates does not copy every map on every call.
+	snap         *DeviceState
 	rental       *liveRental // starting or active
 	stopOnReturn bool
 	graceUntil   time.Time // in_use tolerated until then after a rental ends
@@ -590,8 +593,19 @@ func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRen
 
 func (s *Station) touchLocked(rec *deviceRecord, now time.Time) {
 	rec.state.UpdatedAt = now.UTC().Round(time.Millisecond)
-	s.store.SaveDeviceState(rec.state.Clone())
+	snap := rec.state.Clone()
+	rec.snap = &snap
+	s.store.SaveDeviceState(snap)
 	s.notifyChanged()
+}
+
+// view returns the device's state for readers: the shared snapshot of its
+// last change when there is one.
+func (rec *deviceRecord) view() DeviceState {
+	if rec.snap != nil {
+		return *rec.snap
+	}
+	return rec.state.Clone()
 }
 
 // Rental applies a message of R/S/down/rentals (§3.1). It returns nil once
@@ -1090,14 +1104,15 @@ func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) 
 	return nil
 }
 
-// DeviceStates returns a copy of every device's latest state, in config
-// order.
+// DeviceStates returns every device's latest state, in config order. The
+// maps and pointers inside are shared between callers: read them, never
+// modify them (Clone first).
 func (s *Station) DeviceStates() []DeviceState {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := make([]DeviceState, 0, len(s.order))
 	for _, id := range s.order {
-		out = append(out, s.devices[id].state.Clone())
+		out = append(out, s.devices[id].view())
 	}
 	return out
 }
@@ -1110,7 +1125,7 @@ func (s *Station) Device(id string) (DeviceState, error) {
 	if !ok {
 		return DeviceState{}, Errorf(ENOTFOUND, "no device %q", id)
 	}
-	return rec.state.Clone(), nil
+	return rec.view(), nil
 }
 
 // StatesChanged is signalled after any device state changes.

@@ -101,6 +101,8 @@ type CloudHandler interface {
 // publication: a reader takes DeviceStates after each signal of
 // StatesChanged and publishes those whose UpdatedAt moved.
 type StateSource interface {
+	// DeviceStates returns the states in a stable order; their maps and
+	// pointers may be shared and must not be modified.
 	DeviceStates() []DeviceState
 	// StatesChanged receives a value (never blocking the station) after
 	// any device state changes.
