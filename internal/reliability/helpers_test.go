@@ -106,6 +106,11 @@ type ackHook struct {
 	mu       sync.Mutex
 	inflight map[string][]byte // client/packet id -> payload
 	acked    [][]byte
+	// own marks the broker's own PUBACK to a client's QoS 1 publish: mochi
+	// reports it through OnQosPublish (no topic) and OnQosComplete with the
+	// client's packet id, which lives in another id space than the ids of
+	// messages sent to the client and may collide with one in flight.
+	own map[string]bool
 }
 
 func (h *ackHook) ID() string { return "acks" }
@@ -114,6 +119,12 @@ func (h *ackHook) Provides(b byte) bool {
 }
 
 func (h *ackHook) OnQosPublish(cl *mochi.Client, pk packets.Packet, sent int64, resends int) {
+	if pk.TopicName == "" && pk.FixedHeader.Type == packets.Puback {
+		h.mu.Lock()
+		h.own[cl.ID+"/"+strconv.Itoa(int(pk.PacketID))] = true
+		h.mu.Unlock()
+		return
+	}
 	if !strings.Contains(pk.TopicName, "/down/") {
 		return
 	}
@@ -125,6 +136,11 @@ func (h *ackHook) OnQosPublish(cl *mochi.Client, pk packets.Packet, sent int64, 
 func (h *ackHook) OnQosComplete(cl *mochi.Client, pk packets.Packet) {
 	k := cl.ID + "/" + strconv.Itoa(int(pk.PacketID))
 	h.mu.Lock()
+	if h.own[k] {
+		delete(h.own, k) // the broker acknowledging the client, not the reverse
+		h.mu.Unlock()
+		return
+	}
 	if p, ok := h.inflight[k]; ok {
 		h.acked = append(h.acked, p)
 		delete(h.inflight, k)
@@ -139,7 +155,7 @@ func newCloud(t *testing.T) *cloud {
 		t.Fatal(err)
 	}
 	c := &cloud{Addr: ln.Addr().String(), events: map[uint64]edged.Event{},
-		hook: &ackHook{inflight: map[string][]byte{}}}
+		hook: &ackHook{inflight: map[string][]byte{}, own: map[string]bool{}}}
 	c.srv = mochi.New(&mochi.Options{InlineClient: true, Logger: discardLogger()})
 	if err := c.srv.AddHook(new(auth.AllowHook), nil); err != nil {
 		t.Fatal(err)
