@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -61,6 +62,9 @@ type Station struct {
 
 	changed chan struct{}
 	wake    chan struct{}
+	// beat is when Run last completed a Tick (Unix nanoseconds), for the
+	// watchdog: a stuck rental loop must stop the pings.
+	beat atomic.Int64
 
 	mu             sync.Mutex
 	stats          StationStats
@@ -267,6 +271,7 @@ func (s *Station) Run(ctx context.Context) error {
 		case <-s.wake:
 		}
 		next := s.Tick(ctx)
+		s.beat.Store(time.Now().UnixNano())
 		d := time.Until(next)
 		if d < time.Millisecond {
 			d = time.Millisecond
@@ -282,6 +287,17 @@ func (s *Station) Run(ctx context.Context) error {
 		}
 		t.Reset(d)
 	}
+}
+
+// LastTick is when Run last completed a pass of the rental rules; zero
+// before the first. Run passes at least once a second, so an older time
+// means the rental loop is stuck.
+func (s *Station) LastTick() time.Time {
+	n := s.beat.Load()
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n)
 }
 
 // Tick applies every rule that depends on time passing, as of the clock's

@@ -693,3 +693,25 @@ func TestCancelledCallerStillCompletesDecision(t *testing.T) {
 		t.Fatalf("results = %v", got)
 	}
 }
+
+// Run reports its passes for the watchdog.
+func TestRunBeats(t *testing.T) {
+	h := newHarness(t)
+	if !h.st.LastTick().IsZero() {
+		t.Fatal("LastTick set before Run")
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- h.st.Run(rctx) }()
+	deadline := time.Now().Add(5 * time.Second)
+	for h.st.LastTick().IsZero() && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if h.st.LastTick().IsZero() {
+		t.Fatal("Run never reported a pass")
+	}
+}

@@ -199,6 +199,10 @@ func (m *Main) Run(ctx context.Context) error {
 	return nil
 }
 
+// stuckAfter is how long the rental loop may go without a pass before
+// edged reports itself unhealthy (it passes at least once a second).
+const stuckAfter = 15 * time.Second
+
 // goRun runs fn in a goroutine Close waits for.
 func (m *Main) goRun(ctx context.Context, name string, fn func(context.Context) error) {
 	m.wg.Add(1)
@@ -210,11 +214,14 @@ func (m *Main) goRun(ctx context.Context, name string, fn func(context.Context) 
 	}()
 }
 
-// Healthy is nil while the store is writable and the broker is serving:
-// what /healthz and the systemd watchdog check.
+// Healthy is nil while the store is writable, the broker is serving and
+// the rental loop is turning: what /healthz and the systemd watchdog check.
 func (m *Main) Healthy() error {
-	if m.Store == nil || m.Broker == nil {
+	if m.Store == nil || m.Broker == nil || m.Station == nil {
 		return errors.New("starting")
+	}
+	if t := m.Station.LastTick(); !t.IsZero() && time.Since(t) > stuckAfter {
+		return fmt.Errorf("rental loop stuck since %s", t.UTC().Format(time.RFC3339))
 	}
 	if err := m.Store.Healthy(); err != nil {
 		return fmt.Errorf("store: %w", err)
