@@ -99,32 +99,24 @@ type cloud struct {
 	events map[uint64]edged.Event // by seq
 }
 
-// ackHook records the payloads of QoS 1 messages that a client
-// acknowledged.
+// ackHook records the payloads of QoS 1 messages to a client that the
+// client acknowledged, by watching the PUBACKs it reads from the client.
+// (mochi's OnQosComplete is no use here: it also fires for the broker's own
+// PUBACK to a client's publish, with the client's packet id, which may
+// equal the id of a message in flight to that client.)
 type ackHook struct {
 	mochi.HookBase
 	mu       sync.Mutex
 	inflight map[string][]byte // client/packet id -> payload
 	acked    [][]byte
-	// own marks the broker's own PUBACK to a client's QoS 1 publish: mochi
-	// reports it through OnQosPublish (no topic) and OnQosComplete with the
-	// client's packet id, which lives in another id space than the ids of
-	// messages sent to the client and may collide with one in flight.
-	own map[string]bool
 }
 
 func (h *ackHook) ID() string { return "acks" }
 func (h *ackHook) Provides(b byte) bool {
-	return b == mochi.OnQosPublish || b == mochi.OnQosComplete
+	return b == mochi.OnQosPublish || b == mochi.OnPacketRead
 }
 
 func (h *ackHook) OnQosPublish(cl *mochi.Client, pk packets.Packet, sent int64, resends int) {
-	if pk.TopicName == "" && pk.FixedHeader.Type == packets.Puback {
-		h.mu.Lock()
-		h.own[cl.ID+"/"+strconv.Itoa(int(pk.PacketID))] = true
-		h.mu.Unlock()
-		return
-	}
 	if !strings.Contains(pk.TopicName, "/down/") {
 		return
 	}
@@ -133,19 +125,18 @@ func (h *ackHook) OnQosPublish(cl *mochi.Client, pk packets.Packet, sent int64, 
 	h.mu.Unlock()
 }
 
-func (h *ackHook) OnQosComplete(cl *mochi.Client, pk packets.Packet) {
+func (h *ackHook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type != packets.Puback {
+		return pk, nil
+	}
 	k := cl.ID + "/" + strconv.Itoa(int(pk.PacketID))
 	h.mu.Lock()
-	if h.own[k] {
-		delete(h.own, k) // the broker acknowledging the client, not the reverse
-		h.mu.Unlock()
-		return
-	}
 	if p, ok := h.inflight[k]; ok {
 		h.acked = append(h.acked, p)
 		delete(h.inflight, k)
 	}
 	h.mu.Unlock()
+	return pk, nil
 }
 
 func newCloud(t *testing.T) *cloud {
@@ -155,7 +146,7 @@ func newCloud(t *testing.T) *cloud {
 		t.Fatal(err)
 	}
 	c := &cloud{Addr: ln.Addr().String(), events: map[uint64]edged.Event{},
-		hook: &ackHook{inflight: map[string][]byte{}, own: map[string]bool{}}}
+		hook: &ackHook{inflight: map[string][]byte{}}}
 	c.srv = mochi.New(&mochi.Options{InlineClient: true, Logger: discardLogger()})
 	if err := c.srv.AddHook(new(auth.AllowHook), nil); err != nil {
 		t.Fatal(err)
