@@ -511,6 +511,16 @@ func (s *Station) stopLocked(ctx context.Context, now time.Time, rec *deviceReco
 	s.pending[id] = &pendingCommand{kind: kindStop, cmdID: id, deviceID: rec.dev.ID, rentalID: rentalID, deadline: now.Add(s.startTimeout)}
 }
 
+// resyncLocked sends start again to a running rental's device with the
+// time it has left, so the device's own timer matches the station's.
+func (s *Station) resyncLocked(ctx context.Context, now time.Time, l *liveRental) {
+	id := newCmdID()
+	c := startCommand(id, l.r, l.r.Remaining(l.used(now)), &l.r.EndsAt)
+	if s.sendLocked(ctx, l.r.DeviceID, c) == nil {
+		s.pending[id] = &pendingCommand{kind: kindResync, cmdID: id, deviceID: l.r.DeviceID, rentalID: l.r.ID, deadline: now.Add(s.startTimeout)}
+	}
+}
+
 // startCommand is the start sent for a rental, carrying its remaining time.
 func startCommand(cmdID string, r Rental, remaining time.Duration, endsAt *time.Time) DeviceCommand {
 	d := int64((remaining + time.Second - 1) / time.Second)
@@ -803,10 +813,7 @@ func (s *Station) extendLocked(ctx context.Context, now time.Time, m RentalMessa
 	}
 	// The device runs its own timer from start's duration_s: tell it.
 	if rec.state.Online {
-		id := newCmdID()
-		if s.sendLocked(ctx, r.DeviceID, startCommand(id, l.r, remaining, &l.r.EndsAt)) == nil {
-			s.pending[id] = &pendingCommand{kind: kindResync, cmdID: id, deviceID: r.DeviceID, rentalID: r.ID, deadline: now.Add(s.startTimeout)}
-		}
+		s.resyncLocked(ctx, now, l)
 	}
 	s.poke()
 	return nil
@@ -925,9 +932,9 @@ func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rec, ok := s.devices[deviceID]
-	if !ok {
-		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	rec, err := s.deviceLocked(deviceID)
+	if err != nil {
+		return err
 	}
 	now := s.clock.Now()
 	if rec.state.Online == online {
@@ -941,14 +948,10 @@ func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool
 		return err
 	}
 	rec.state.Online = online
-	seen := now.UTC().Round(time.Millisecond)
-	rec.state.LastSeen = &seen
+	seenLocked(rec, now)
 	if online {
 		if l := rec.rental; l != nil && l.r.State == RentalActive {
-			id := newCmdID()
-			if s.sendLocked(ctx, deviceID, startCommand(id, l.r, l.r.Remaining(l.used(now)), &l.r.EndsAt)) == nil {
-				s.pending[id] = &pendingCommand{kind: kindResync, cmdID: id, deviceID: deviceID, rentalID: l.r.ID, deadline: now.Add(s.startTimeout)}
-			}
+			s.resyncLocked(ctx, now, l)
 		} else if rec.stopOnReturn {
 			s.stopLocked(ctx, now, rec, "")
 		}
@@ -964,20 +967,18 @@ func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateRepor
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rec, ok := s.devices[deviceID]
-	if !ok {
-		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	rec, err := s.deviceLocked(deviceID)
+	if err != nil {
+		return err
 	}
 	now := s.clock.Now()
-	seen := now.UTC().Round(time.Millisecond)
-	rec.state.LastSeen = &seen
+	seenLocked(rec, now)
 	prev := rec.state.Status
 	rec.state.Status, rec.state.Fault = r.Status, r.Fault
 	if r.Status != StatusFault {
 		rec.state.Fault = ""
 	}
 	mergeTelemetry(rec.state.Telemetry, r.Extra)
-	var err error
 	switch {
 	case r.Status == StatusFault && rec.rental != nil:
 		if l := rec.rental; l.r.State == RentalStarting {
@@ -999,6 +1000,21 @@ func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateRepor
 	return err
 }
 
+// deviceLocked finds a configured device. Errors: ENOTFOUND.
+func (s *Station) deviceLocked(id string) (*deviceRecord, error) {
+	rec, ok := s.devices[id]
+	if !ok {
+		return nil, Errorf(ENOTFOUND, "unknown device %q", id)
+	}
+	return rec, nil
+}
+
+// seenLocked records that the device was heard from now.
+func seenLocked(rec *deviceRecord, now time.Time) {
+	t := now.UTC().Round(time.Millisecond)
+	rec.state.LastSeen = &t
+}
+
 func mergeTelemetry(dst, src map[string]any) {
 	for k, v := range src {
 		if _, ok := dst[k]; !ok && len(dst) >= MaxTelemetryKeys {
@@ -1012,13 +1028,12 @@ func mergeTelemetry(dst, src map[string]any) {
 func (s *Station) DeviceTelemetry(ctx context.Context, deviceID string, t map[string]any) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rec, ok := s.devices[deviceID]
-	if !ok {
-		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	rec, err := s.deviceLocked(deviceID)
+	if err != nil {
+		return err
 	}
 	now := s.clock.Now()
-	seen := now.UTC().Round(time.Millisecond)
-	rec.state.LastSeen = &seen
+	seenLocked(rec, now)
 	mergeTelemetry(rec.state.Telemetry, t)
 	s.touchLocked(rec, now)
 	return nil
@@ -1028,13 +1043,12 @@ func (s *Station) DeviceTelemetry(ctx context.Context, deviceID string, t map[st
 func (s *Station) DeviceLocation(ctx context.Context, deviceID string, l Location) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	rec, ok := s.devices[deviceID]
-	if !ok {
-		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	rec, err := s.deviceLocked(deviceID)
+	if err != nil {
+		return err
 	}
 	now := s.clock.Now()
-	seen := now.UTC().Round(time.Millisecond)
-	rec.state.LastSeen = &seen
+	seenLocked(rec, now)
 	rec.state.Location = &l
 	s.touchLocked(rec, now)
 	return nil
