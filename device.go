@@ -84,6 +84,10 @@ type DeviceState struct {
 	Location    *Location      `json:"location"`
 	LastSeen    *time.Time     `json:"last_seen"`
 	UpdatedAt   time.Time      `json:"updated_at"`
+	// Version rises by one with every change of the state in this process.
+	// Readers that coalesce (the uplink) compare it, not UpdatedAt: two
+	// changes within one millisecond share a timestamp, never a version.
+	Version uint64 `json:"-"`
 }
 
 // Clone returns a deep copy of s, safe to hand to another goroutine.

@@ -619,6 +619,7 @@ func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRen
 
 func (s *Station) touchLocked(rec *deviceRecord, now time.Time) {
 	rec.state.UpdatedAt = now.UTC().Round(time.Millisecond)
+	rec.state.Version++
 	snap := rec.state.Clone()
 	rec.snap = &snap
 	s.store.SaveDeviceState(snap)

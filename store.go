@@ -99,7 +99,7 @@ type CloudHandler interface {
 
 // StateSource gives the latest state of every device, for coalesced
 // publication: a reader takes DeviceStates after each signal of
-// StatesChanged and publishes those whose UpdatedAt moved.
+// StatesChanged and publishes those whose Version moved.
 type StateSource interface {
 	// DeviceStates returns the states in a stable order; their maps and
 	// pointers may be shared and must not be modified.

@@ -31,9 +31,9 @@ type session struct {
 
 	window []inflight
 
-	// published is the UpdatedAt of each device as last published on this
-	// connection; due holds devices whose state moved since.
-	published map[string]time.Time
+	// published is the Version of each device's state as last published on
+	// this connection; due holds devices whose state moved since.
+	published map[string]uint64
 	renterOf  map[string]string // device -> renter topic last published to
 	due       []edged.DeviceState
 	buf       []edged.Event // events read from the outbox, not yet sent
@@ -53,7 +53,7 @@ func newSession(u *Uplink, acks *acker) *session {
 		u: u, acks: acks,
 		lost:      make(chan error, 1),
 		down:      make(chan mqtt.Message, 64),
-		published: map[string]time.Time{},
+		published: map[string]uint64{},
 		renterOf:  map[string]string{},
 	}
 }
@@ -321,7 +321,7 @@ func (s *session) publishEvents(ctx context.Context, client mqtt.Client) (bool, 
 }
 
 // refreshStates reads the latest device states and queues those whose
-// UpdatedAt moved since they were last published on this connection.
+// Version moved since they were last published on this connection.
 // Coalescing happens here: however many changes came meanwhile, a device is
 // queued once, with its newest state.
 func (s *session) refreshStates() {
@@ -331,7 +331,7 @@ func (s *session) refreshStates() {
 		queued[d.DeviceID] = i
 	}
 	for _, st := range states {
-		if last, ok := s.published[st.DeviceID]; ok && last.Equal(st.UpdatedAt) {
+		if last, ok := s.published[st.DeviceID]; ok && last == st.Version {
 			continue
 		}
 		if i, ok := queued[st.DeviceID]; ok {
@@ -361,7 +361,7 @@ func (s *session) publishStates(client mqtt.Client) error {
 			return err
 		}
 		budget--
-		s.published[st.DeviceID] = st.UpdatedAt
+		s.published[st.DeviceID] = st.Version
 		if err := s.publishRenter(client, st, payload); err != nil {
 			return err
 		}
