@@ -413,6 +413,23 @@ func (c *Cloud) Retained(topic string) ([]byte, bool) {
 	return nil, false
 }
 
+// Kick closes every client connection as a lost link would, without
+// counting a violation: wills are sent and persistent sessions kept. It
+// returns how many connections it closed.
+func (c *Cloud) Kick() int {
+	n := 0
+	for _, cl := range c.srv.Clients.GetAll() {
+		if cl.Net.Inline || cl.Closed() {
+			continue
+		}
+		cl.Stop(errKicked)
+		n++
+	}
+	return n
+}
+
+var errKicked = errors.New("kicked by the cloud")
+
 // Close stops the emulator and closes every connection (without wills).
 func (c *Cloud) Close() error {
 	c.closeOnce.Do(func() {
