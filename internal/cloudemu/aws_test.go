@@ -3,6 +3,7 @@ package cloudemu
 import (
 	"bytes"
 	"crypto/tls"
+	"fmt"
 	"net"
 	"net/url"
 	"os"
@@ -117,6 +118,7 @@ func TestAWSDisconnectsBreakingARule(t *testing.T) {
 		{"8 slashes", func(cl *client) { cl.Publish(eight, 1, false, []byte("x")) }, RuleSlashes},
 		{"qos 2", func(cl *client) { cl.Publish("stations/st-1/up/events", 2, false, []byte("x")) }, RuleQoS},
 		{"subscribe with 8 slashes", func(cl *client) { cl.Subscribe(eight, 1, func(mqtt.Client, mqtt.Message) {}) }, RuleSlashes},
+		{"9 filters in one subscribe", func(cl *client) { cl.SubscribeMultiple(filters(0, 9), nil) }, RuleSubscribe},
 	}
 	want := map[string]int{}
 	for _, tt := range tests {
@@ -131,6 +133,35 @@ func TestAWSDisconnectsBreakingARule(t *testing.T) {
 	if got := rec.got(); len(got) != 0 {
 		t.Errorf("refused publishes were delivered: %.60q", got)
 	}
+}
+
+// filters returns n topic filters numbered from first.
+func filters(first, n int) map[string]byte {
+	m := map[string]byte{}
+	for i := first; i < first+n; i++ {
+		m[fmt.Sprintf("stations/st-1/down/f%d", i)] = 1
+	}
+	return m
+}
+
+func TestAWSAllowsFiftySubscriptions(t *testing.T) {
+	c := startAWS(t)
+	cl := mustDial(t, c, "thing-1", nil)
+	for first := 0; first < AWSMaxSubscriptions; first += AWSMaxFiltersPerSub {
+		tok := cl.SubscribeMultiple(filters(first, min(AWSMaxFiltersPerSub, AWSMaxSubscriptions-first)), nil)
+		if !tok.WaitTimeout(wait) || tok.Error() != nil {
+			t.Fatalf("subscribe: %v", tok.Error())
+		}
+	}
+	// Again the same: still 50.
+	if tok := cl.SubscribeMultiple(filters(0, 8), nil); !tok.WaitTimeout(wait) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	cl.stillUp(t)
+	wantViolations(t, c, map[string]int{})
+	cl.Subscribe("stations/st-1/down/one-more", 1, nil)
+	cl.waitLost(t)
+	wantViolations(t, c, map[string]int{RuleSubscribe: 1})
 }
 
 func TestAWSDisconnectsBurstOverRate(t *testing.T) {

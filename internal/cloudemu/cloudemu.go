@@ -23,9 +23,10 @@
 //     breaks the rule: the connection is closed at once, the PUBLISH is
 //     neither acknowledged nor delivered, and a will (aws, generic) is sent
 //     as for any lost link.
-//   - "subscribe" (aliyun: a filter outside /PK/DN/user/...; aws: a filter
-//     with more than 7 slashes, counted as "slashes"): the connection is
-//     closed, not answered with a SUBACK failure, so that a wrong
+//   - "subscribe" (aliyun: a filter outside /PK/DN/user/...; aws: more than
+//     8 filters in one SUBSCRIBE or 50 subscriptions on a connection; a
+//     filter with more than 7 slashes counts as "slashes"): the connection
+//     is closed, not answered with a SUBACK failure, so that a wrong
 //     subscription cannot go unnoticed.
 //
 // Each violation is counted exactly once and logged once at warn level;
@@ -82,6 +83,8 @@ const (
 	AWSMaxPublishRate     = 100
 	AWSMaxMessageBytes    = 128 * 1024
 	AWSMaxSlashes         = 7
+	AWSMaxFiltersPerSub   = 8  // topic filters in one SUBSCRIBE
+	AWSMaxSubscriptions   = 50 // subscriptions of one connection
 	AliyunMaxPublishRate  = 30
 	AliyunMaxMessageBytes = 256 * 1024
 	AliyunMinKeepalive    = 30
@@ -170,6 +173,8 @@ type rules struct {
 	noRetain        bool
 	maxQoS          byte
 	maxSlashes      int // 0: no limit
+	maxFilters      int // per SUBSCRIBE; 0: no limit
+	maxSubs         int // per connection; 0: no limit
 	rate            int // 0: no limit
 	size            int // 0: no limit
 }
@@ -181,6 +186,7 @@ func rulesFor(o Options) (rules, error) {
 		r = rules{maxQoS: 2}
 	case AWS:
 		r = rules{tls: true, clientCert: true, maxQoS: 1, maxSlashes: AWSMaxSlashes,
+			maxFilters: AWSMaxFiltersPerSub, maxSubs: AWSMaxSubscriptions,
 			rate: AWSMaxPublishRate, size: AWSMaxMessageBytes}
 	case Aliyun:
 		if o.ProductKey == "" || o.DeviceName == "" || o.DeviceSecret == "" {
@@ -555,7 +561,7 @@ func (h *hook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Packet
 	case packets.Publish:
 		rule, detail = h.checkPublish(cl, pk)
 	case packets.Subscribe:
-		rule, detail = h.checkSubscribe(pk)
+		rule, detail = h.checkSubscribe(cl, pk)
 	}
 	if rule == "" {
 		return pk, nil
@@ -599,8 +605,22 @@ func (h *hook) checkPublish(cl *mochi.Client, pk packets.Packet) (string, string
 	return "", ""
 }
 
-func (h *hook) checkSubscribe(pk packets.Packet) (string, string) {
+func (h *hook) checkSubscribe(cl *mochi.Client, pk packets.Packet) (string, string) {
 	c, r := h.c, h.c.rules
+	if r.maxFilters > 0 && len(pk.Filters) > r.maxFilters {
+		return RuleSubscribe, fmt.Sprintf("%d filters in one subscribe, limit %d", len(pk.Filters), r.maxFilters)
+	}
+	if r.maxSubs > 0 {
+		n := cl.State.Subscriptions.Len()
+		for _, f := range pk.Filters {
+			if _, ok := cl.State.Subscriptions.Get(f.Filter); !ok {
+				n++
+			}
+		}
+		if n > r.maxSubs {
+			return RuleSubscribe, fmt.Sprintf("%d subscriptions, limit %d", n, r.maxSubs)
+		}
+	}
 	for _, f := range pk.Filters {
 		if r.aliyun && !aliyunTopicOK(c.o.ProductKey, c.o.DeviceName, f.Filter, true) {
 			return RuleSubscribe, "subscribe to " + f.Filter
