@@ -280,6 +280,9 @@ func Start(o Options) (*Cloud, error) {
 // aliyun, tcp://127.0.0.1:PORT for generic.
 func (c *Cloud) URL() string { return c.url }
 
+// Addr is the host:port the emulator listens on (for a proxy in front).
+func (c *Cloud) Addr() string { return c.ln.Addr().String() }
+
 // CAFile is the PEM file of the CA that signed the server certificate (a
 // station's uplink.ca_file); "" for generic.
 func (c *Cloud) CAFile() string {
