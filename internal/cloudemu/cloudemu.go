@@ -31,6 +31,11 @@
 //
 // Each violation is counted exactly once and logged once at warn level;
 // the connection it closed reads nothing more.
+//
+// Not emulated: AWS's 512 KiB/s per connection (the service delays, it
+// does not disconnect), its one CONNECT per second per client id, and
+// aliyun's /sys topics. Stats reports the peak bytes per second so a
+// benchmark can show the first.
 package cloudemu
 
 import (
@@ -109,7 +114,10 @@ type Options struct {
 
 	// MaxPublishRate is the most PUBLISH packets one connection may send
 	// in any 1 s window; 0 means the cloud's limit (aws 100, aliyun 30,
-	// generic none), a negative value means none.
+	// generic none), a negative value means none. The window is measured
+	// as the emulator reads each PUBLISH, so delays on the way can only
+	// bunch publishes up: a sender ticking at exactly N/s is seen at N+1
+	// in some window, which is why the profiles pace below the limit.
 	MaxPublishRate int
 	// MaxMessageBytes is the largest PUBLISH payload; 0 means the cloud's
 	// limit (aws 128 KiB, aliyun 256 KiB, generic none), negative none.
