@@ -253,11 +253,9 @@ func (s *Station) Open(ctx context.Context) error {
 			continue
 		}
 		if r.State == RentalStarting {
-			r.State, r.Reason = RentalRejected, ReasonTimeout
+			r.State, r.Reason, r.StartCmdID = RentalRejected, ReasonTimeout, ""
+			ch = merge(ch, s.grantAnswer(now, r, false, ReasonTimeout))
 			ch.Rentals = append(ch.Rentals, r)
-			ch.Events = append(ch.Events, s.event(now, EventRentalResult, RentalResultData{
-				RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: ReasonTimeout,
-			}))
 			ch.Stops = append(ch.Stops, s.beginStopLocked(now, rec, r.ID)) // sent when the device reconnects
 			continue
 		}
@@ -678,9 +676,9 @@ func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRen
 	r := l.r
 	r.State, r.Reason, r.StartCmdID = RentalRejected, reason, ""
 	rec := s.devices[r.DeviceID]
-	ch := Change{Rentals: []Rental{r}, Events: []Event{s.event(now, EventRentalResult, RentalResultData{
-		RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: reason,
-	})}, Stops: []StopRecord{s.beginStopLocked(now, rec, r.ID)}}
+	ch := s.grantAnswer(now, r, false, reason)
+	ch.Rentals = []Rental{r}
+	ch.Stops = []StopRecord{s.beginStopLocked(now, rec, r.ID)}
 	if err := s.commitLocked(ctx, ch); err != nil {
 		s.log.Error("fail rental start: stopping the device, the record will be retried", "rental", r.ID, "err", err)
 		s.deferLocked(ch, now)
@@ -718,36 +716,49 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.clock.Now()
-	refuse := func(reason Reason, record bool) error {
-		ch := Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+	unrecorded := func(reason Reason) error {
+		// Neither the message nor its refusal is recorded: a forged or
+		// garbled message cannot occupy a rental id.
+		s.log.Info("rental message refused", "op", truncate(m.Op), "rental", truncate(m.RentalID), "device", truncate(m.DeviceID), "reason", reason)
+		return s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 			RentalID: truncate(m.RentalID), DeviceID: truncate(m.DeviceID), Op: truncate(m.Op), OK: false, Reason: reason,
-		})}}
-		if record {
+		})}})
+	}
+	if perr != nil {
+		return unrecorded(ReasonInvalid)
+	}
+	if s.verifyKey != nil {
+		if err := VerifyRental(s.verifyKey, s.id, m); err != nil {
+			return unrecorded(ReasonBadSignature)
+		}
+	}
+	// A message answered before is answered the same, whatever happened
+	// since: the rental ended, its not_after passed, edged restarted.
+	prev, err := s.resultLocked(ctx, ResultKey(m.RentalID, m.Op, m.DurationS))
+	switch {
+	case err == nil:
+		return s.commitLocked(ctx, Change{Events: []Event{s.resultEvent(now, prev)}})
+	case ErrorCode(err) != ENOTFOUND:
+		return fmt.Errorf("%s: %w", m.Op, err)
+	}
+	refuse := func(reason Reason, rejectRental bool) error {
+		ch := s.answer(now, m, false, reason)
+		if rejectRental {
 			ch.Rentals = []Rental{{ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalRejected,
 				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now}}
 		}
-		s.log.Info("rental message refused", "op", truncate(m.Op), "rental", truncate(m.RentalID), "device", truncate(m.DeviceID), "reason", reason)
+		s.log.Info("rental message refused", "op", m.Op, "rental", m.RentalID, "device", m.DeviceID, "reason", reason)
 		return s.commitLocked(ctx, ch)
-	}
-	if perr != nil {
-		return refuse(ReasonInvalid, false)
-	}
-	if s.verifyKey != nil {
-		// A message that fails verification is never recorded, so a forged
-		// message cannot poison a rental id before the real one arrives.
-		if err := VerifyRental(s.verifyKey, s.id, m); err != nil {
-			return refuse(ReasonBadSignature, false)
-		}
 	}
 	if m.NotAfter != "" && s.clock.Synced() {
 		na, _ := time.Parse(time.RFC3339Nano, m.NotAfter)
 		if now.After(na) {
-			if m.Op == OpGrant {
-				if _, err := s.store.Rental(ctx, m.RentalID); ErrorCode(err) == ENOTFOUND {
-					return refuse(ReasonExpired, true)
-				}
-			} else {
+			if m.Op != OpGrant {
 				return refuse(ReasonExpired, false)
+			}
+			// A grant still starting has no result yet: it comes with the ack.
+			if _, err := s.store.Rental(ctx, m.RentalID); ErrorCode(err) == ENOTFOUND {
+				return refuse(ReasonExpired, true)
 			}
 		}
 	}
@@ -768,8 +779,43 @@ func truncate(s string) string {
 	return s
 }
 
-func (s *Station) result(now time.Time, m RentalMessage, ok bool, reason Reason) Event {
-	return s.event(now, EventRentalResult, RentalResultData{RentalID: m.RentalID, DeviceID: m.DeviceID, Op: m.Op, OK: ok, Reason: reason})
+// answer is the result of a rental message: its rental.result event and
+// the record that answers its redeliveries.
+func (s *Station) answer(now time.Time, m RentalMessage, ok bool, reason Reason) Change {
+	return s.answerRecord(now, ResultRecord{RentalID: m.RentalID, Op: m.Op, DurationS: m.DurationS, DeviceID: m.DeviceID, OK: ok, Reason: reason})
+}
+
+// grantAnswer is the result of a rental's grant, known once its start is
+// acknowledged, refused, timed out or cancelled.
+func (s *Station) grantAnswer(now time.Time, r Rental, ok bool, reason Reason) Change {
+	return s.answerRecord(now, ResultRecord{RentalID: r.ID, Op: OpGrant, DeviceID: r.DeviceID, OK: ok, Reason: reason})
+}
+
+func (s *Station) answerRecord(now time.Time, rr ResultRecord) Change {
+	if rr.Op != OpExtend {
+		rr.DurationS = 0
+	}
+	rr.At = now.UTC().Round(time.Millisecond)
+	return Change{Results: []ResultRecord{rr}, Events: []Event{s.resultEvent(now, rr)}}
+}
+
+func (s *Station) resultEvent(now time.Time, rr ResultRecord) Event {
+	return s.event(now, EventRentalResult, RentalResultData{RentalID: rr.RentalID, DeviceID: rr.DeviceID, Op: rr.Op, OK: rr.OK, Reason: rr.Reason})
+}
+
+// resultLocked finds the result a rental message got. Errors: ENOTFOUND.
+func (s *Station) resultLocked(ctx context.Context, key string) (ResultRecord, error) {
+	return s.store.Result(ctx, key)
+}
+
+// merge appends b's records and events to a's, in order.
+func merge(a, b Change) Change {
+	a.Rentals = append(a.Rentals, b.Rentals...)
+	a.Commands = append(a.Commands, b.Commands...)
+	a.Results = append(a.Results, b.Results...)
+	a.Stops = append(a.Stops, b.Stops...)
+	a.Events = append(a.Events, b.Events...)
+	return a
 }
 
 func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessage, refuse func(Reason, bool) error) error {
@@ -861,23 +907,30 @@ func (s *Station) extendLocked(ctx context.Context, now time.Time, m RentalMessa
 	}
 	dur := time.Duration(m.DurationS) * time.Second
 	if l.r.Duration == dur {
-		return s.commitLocked(ctx, Change{Events: []Event{s.result(now, m, true, "")}})
+		return s.commitLocked(ctx, s.answer(now, m, true, ""))
+	}
+	if l.r.State == RentalStarting {
+		nr := l.r
+		nr.Duration = dur
+		ch := s.answer(now, m, true, "")
+		ch.Rentals = []Rental{nr}
+		if err := s.commitLocked(ctx, ch); err != nil {
+			return err
+		}
+		l.r = nr
+		return nil
 	}
 	l.r.Duration = dur
-	if l.r.State == RentalStarting {
-		return s.commitLocked(ctx, Change{Rentals: []Rental{l.r}, Events: []Event{s.result(now, m, true, "")}})
-	}
 	used := l.used(now)
 	remaining := l.r.Remaining(used)
 	l.r.EndsAt = now.Add(remaining)
 	l.r.Used, l.r.CheckpointAt, l.r.CheckpointSynced = used, now, s.clock.Synced()
-	ch := Change{Rentals: []Rental{l.r}, Events: []Event{
-		s.result(now, m, true, ""),
-		s.event(now, EventRentalExtended, RentalExtendedData{
-			RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
-			EndsAt: l.r.EndsAt.UTC().Round(time.Millisecond), DurationS: m.DurationS,
-		}),
-	}}
+	ch := s.answer(now, m, true, "")
+	ch.Rentals = []Rental{l.r}
+	ch.Events = append(ch.Events, s.event(now, EventRentalExtended, RentalExtendedData{
+		RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
+		EndsAt: l.r.EndsAt.UTC().Round(time.Millisecond), DurationS: m.DurationS,
+	}))
 	if err := s.commitLocked(ctx, ch); err != nil {
 		return err
 	}
@@ -903,13 +956,39 @@ func (s *Station) cancelLocked(ctx context.Context, now time.Time, m RentalMessa
 	if reason != "" {
 		return refuse(reason, false)
 	}
-	if err := s.commitLocked(ctx, Change{Events: []Event{s.result(now, m, true, "")}}); err != nil {
+	if l != nil && l.r.State == RentalStarting {
+		return s.cancelStartLocked(ctx, now, l, m)
+	}
+	if err := s.commitLocked(ctx, s.answer(now, m, true, "")); err != nil {
 		return err
 	}
 	if l == nil {
 		return nil // already ended: nothing changes
 	}
 	return s.endLocked(ctx, now, l, ReasonCancelled)
+}
+
+// cancelStartLocked cancels a grant whose start the device has not
+// acknowledged (§3.1): the grant's result is cancelled, the cancel's ok,
+// and the device is stopped; the rental never started, so it has no
+// rental.started or rental.ended.
+func (s *Station) cancelStartLocked(ctx context.Context, now time.Time, l *liveRental, m RentalMessage) error {
+	r := l.r
+	r.State, r.Reason, r.StartCmdID = RentalRejected, ReasonCancelled, ""
+	rec := s.devices[r.DeviceID]
+	ch := merge(s.grantAnswer(now, r, false, ReasonCancelled), s.answer(now, m, true, ""))
+	ch.Rentals = []Rental{r}
+	ch.Stops = []StopRecord{s.beginStopLocked(now, rec, r.ID)}
+	err := s.commitLocked(ctx, ch)
+	if err != nil {
+		rec.stop = nil // nothing decided
+		return err
+	}
+	s.dropLiveLocked(l)
+	s.sendStopLocked(ctx, now, rec)
+	s.touchLocked(rec, now)
+	s.log.Info("rental cancelled before its start", "rental", r.ID, "device", r.DeviceID)
+	return nil
 }
 
 // RenterCommand applies a message of R/S/down/commands (§3.1): it is
@@ -1189,14 +1268,13 @@ func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) 
 		r := l.r
 		r.State, r.StartedAt, r.EndsAt = RentalActive, now, now.Add(r.Duration)
 		r.StartCmdID, r.Used, r.CheckpointAt, r.CheckpointSynced = "", 0, now, s.clock.Synced()
-		ch := Change{Rentals: []Rental{r}, Events: []Event{
-			s.event(now, EventRentalResult, RentalResultData{RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: true}),
-			s.event(now, EventRentalStarted, RentalStartedData{
-				RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
-				StartedAt: now.UTC().Round(time.Millisecond), EndsAt: r.EndsAt.UTC().Round(time.Millisecond),
-				DurationS: seconds(r.Duration),
-			}),
-		}}
+		ch := s.grantAnswer(now, r, true, "")
+		ch.Rentals = []Rental{r}
+		ch.Events = append(ch.Events, s.event(now, EventRentalStarted, RentalStartedData{
+			RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
+			StartedAt: now.UTC().Round(time.Millisecond), EndsAt: r.EndsAt.UTC().Round(time.Millisecond),
+			DurationS: seconds(r.Duration),
+		}))
 		if err := s.commitLocked(ctx, ch); err != nil {
 			return err // the start stays pending; a timeout resolves it
 		}

@@ -874,3 +874,143 @@ func TestStopAfterEveryEnd(t *testing.T) {
 		}
 	})
 }
+
+// Every rental message is answered once, and a redelivery of it the same
+// way whenever it comes: after the rental ended, past its not_after, after
+// a restart (§3.1).
+func TestRedeliveriesAnsweredAlike(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	notAfter := h.clock.Now().Add(time.Minute).Format(time.RFC3339)
+	msg := func(op string, dur int, renter string) map[string]any {
+		m := map[string]any{"op": op, "rental_id": "r1", "device_id": "chair-1", "renter_id": renter, "not_after": notAfter}
+		if dur > 0 {
+			m["duration_s"] = dur
+		}
+		return m
+	}
+	msgs := []map[string]any{
+		msg("grant", 600, "alice"),
+		msg("extend", 900, "alice"),
+		msg("extend", 1200, "bob"), // not_renter
+		msg("cancel", 0, "alice"),
+		msg("extend", 1500, "alice"), // after the end: no_rental
+	}
+	want := []string{"ok", "ok", "not_renter", "ok", "no_rental"}
+	var first []string
+	for i, m := range msgs {
+		seq := h.lastSeq()
+		h.rental(m)
+		if i == 0 {
+			h.ack("chair-1", "start", true)
+		}
+		got := results(h.since(seq))
+		if len(got) != 1 {
+			t.Fatalf("message %d: results %v, want exactly one", i, got)
+		}
+		first = append(first, got[0])
+	}
+	if fmt.Sprint(first) != fmt.Sprint(want) {
+		t.Fatalf("first answers = %v, want %v", first, want)
+	}
+	redeliver := func(when string) {
+		t.Helper()
+		for i, m := range msgs {
+			seq := h.lastSeq()
+			h.rental(m)
+			evs := h.since(seq)
+			if got := results(evs); len(got) != 1 || got[0] != want[i] || len(evs) != 1 {
+				t.Fatalf("%s: message %d (%v) answered %v (events %v), want only %s", when, i, m["op"], got, types(evs), want[i])
+			}
+		}
+		if sent := h.dev.take(); len(sent) != 0 {
+			t.Fatalf("%s: redeliveries reached the device: %+v", when, sent)
+		}
+	}
+	h.dev.take()
+	h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusIdle})
+	redeliver("after the end")
+	h.tick(2 * time.Minute)
+	redeliver("past not_after")
+	h.restart()
+	h.online("chair-1", edged.StatusIdle)
+	redeliver("after a restart")
+
+	// A message first seen past its not_after is expired, and stays so.
+	h.clock.Advance(time.Hour)
+	late := map[string]any{"op": "grant", "rental_id": "r2", "device_id": "chair-1", "renter_id": "alice", "duration_s": 60, "not_after": notAfter}
+	for i := 0; i < 2; i++ {
+		seq := h.lastSeq()
+		h.rental(late)
+		if got := results(h.since(seq)); strings.Join(got, " ") != "expired" {
+			t.Fatalf("late grant, delivery %d: %v, want expired", i, got)
+		}
+	}
+	// An extend answered no_rental because its rental was unknown is not
+	// judged again when the rental appears later: a new attempt needs a
+	// new message.
+	ext := map[string]any{"op": "extend", "rental_id": "r3", "device_id": "chair-1", "renter_id": "alice", "duration_s": 300}
+	h.rental(ext)
+	h.rental(grant("r3", "chair-1", "alice", 60))
+	h.ack("chair-1", "start", true)
+	seq := h.lastSeq()
+	h.rental(ext)
+	if got := results(h.since(seq)); strings.Join(got, " ") != "no_rental" {
+		t.Fatalf("redelivered extend = %v, want its first answer no_rental", got)
+	}
+}
+
+// A cancel before the device acknowledged start: the grant's result is
+// cancelled, the cancel's ok, stop is sent, and the rental never started.
+func TestCancelBeforeStartAck(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	seq := h.lastSeq()
+	g := grant("r1", "chair-1", "alice", 600)
+	cancel := map[string]any{"op": "cancel", "rental_id": "r1", "device_id": "chair-1", "renter_id": "alice"}
+	h.rental(g)
+	h.rental(g) // redelivered while starting: answered with the ack
+	start := h.dev.take()
+	if len(start) != 1 || start[0].Cmd.Action != "start" {
+		t.Fatalf("sent %+v, want one start", start)
+	}
+	h.rental(cancel)
+	evs := h.since(seq)
+	if got := types(evs); strings.Join(got, " ") != "rental.result rental.result" {
+		t.Fatalf("events = %v, want two results and nothing else", got)
+	}
+	if evs[0].Data["op"] != "grant" || evs[0].Data["ok"] != false || evs[0].Data["reason"] != "cancelled" {
+		t.Fatalf("grant's result = %v, want ok false cancelled", evs[0].Data)
+	}
+	if evs[1].Data["op"] != "cancel" || evs[1].Data["ok"] != true {
+		t.Fatalf("cancel's result = %v, want ok", evs[1].Data)
+	}
+	stops := h.stopsTo("chair-1")
+	if len(stops) != 1 || stops[0].RentalID != "r1" {
+		t.Fatalf("sent %+v, want the stop of r1", stops)
+	}
+	// The start's late ack changes nothing.
+	seq = h.lastSeq()
+	if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: start[0].Cmd.CmdID, OK: true}); err != nil {
+		t.Fatal(err)
+	}
+	h.tick(time.Second)
+	if got := types(h.since(seq)); len(got) != 0 {
+		t.Fatalf("after the late start ack: events %v", got)
+	}
+	if len(h.st.ActiveRentals()) != 0 {
+		t.Fatal("a cancelled rental runs")
+	}
+	for _, m := range []map[string]any{g, cancel} {
+		seq := h.lastSeq()
+		h.rental(m)
+		want := map[string]string{"grant": "cancelled", "cancel": "ok"}[m["op"].(string)]
+		if got := results(h.since(seq)); strings.Join(got, " ") != want {
+			t.Fatalf("redelivered %s = %v, want %s", m["op"], got, want)
+		}
+	}
+	h.tick(5 * time.Second)
+	if got := h.stopsTo("chair-1"); len(got) != 1 {
+		t.Fatalf("unacknowledged stop resent %d times, want 1", len(got))
+	}
+}
