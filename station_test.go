@@ -635,7 +635,7 @@ func TestOperatorEnd(t *testing.T) {
 func TestStoreFailureIsNotAcknowledged(t *testing.T) {
 	h := newHarness(t)
 	h.online("chair-1", edged.StatusIdle)
-	h.store.fail = edged.Errorf(edged.EUNAVAILABLE, "disk full")
+	h.store.setFail(edged.Errorf(edged.EUNAVAILABLE, "disk full"))
 	b, _ := json.Marshal(grant("r1", "chair-1", "a", 60))
 	if err := h.st.Rental(ctx, b); err == nil {
 		t.Fatal("grant reported durable while the store refused it")
@@ -643,8 +643,15 @@ func TestStoreFailureIsNotAcknowledged(t *testing.T) {
 	if sent := h.dev.take(); len(sent) != 0 {
 		t.Fatalf("device started without a durable grant: %+v", sent)
 	}
-	h.store.fail = nil
+	// Refused unavailable: the answer is written once the store recovers,
+	// and a redelivery gets the same answer; a new grant starts.
+	h.store.setFail(nil)
+	seq := h.lastSeq()
 	h.rental(grant("r1", "chair-1", "a", 60))
+	if got := results(h.since(seq)); strings.Join(got, " ") != "unavailable unavailable" {
+		t.Fatalf("after recovery: results %v, want the deferred unavailable and its re-report", got)
+	}
+	h.rental(grant("r2", "chair-1", "a", 60))
 	h.ack("chair-1", "start", true)
 }
 
