@@ -201,9 +201,12 @@ func NewStation(o StationOptions) (*Station, error) {
 		if _, dup := s.devices[d.ID]; dup {
 			return nil, Errorf(EINVALID, "device %q declared twice", d.ID)
 		}
+		// A device never seen was last updated when edged first loaded
+		// it, not at the zero time; Open keeps a stored state's time.
 		rec := &deviceRecord{dev: d, state: DeviceState{
 			DeviceID: d.ID, Kind: d.Kind, Transport: d.Transport,
 			Status: StatusUnknown, Telemetry: map[string]any{},
+			UpdatedAt: o.Clock.Now().UTC().Round(time.Millisecond),
 		}}
 		if d.Location != nil {
 			l := *d.Location

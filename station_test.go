@@ -1021,3 +1021,174 @@ func TestCancelBeforeStartAck(t *testing.T) {
 		t.Fatalf("unacknowledged stop resent %d times, want 1", len(got))
 	}
 }
+
+// A device never seen shows when edged first loaded it, not the zero time.
+func TestNeverSeenDeviceUpdatedAt(t *testing.T) {
+	h := newHarness(t)
+	st, _ := h.st.Device("chair-2")
+	if !st.UpdatedAt.Equal(h.clock.Now()) {
+		t.Fatalf("updated_at of a device never seen = %v, want %v", st.UpdatedAt, h.clock.Now())
+	}
+	h.online("chair-1", edged.StatusIdle)
+	seen, _ := h.st.Device("chair-1")
+	h.clock.Advance(time.Hour)
+	h.st.Tick(ctx) // the state is buffered in the store, as a flush would
+	h.restart()
+	st, _ = h.st.Device("chair-1")
+	if !st.UpdatedAt.Equal(seen.UpdatedAt) {
+		t.Fatalf("after a restart updated_at = %v, want the stored %v", st.UpdatedAt, seen.UpdatedAt)
+	}
+}
+
+var errDiskFull = edged.Errorf(edged.EUNAVAILABLE, "write edged.db: no space left on device")
+
+// When the store cannot write, the station keeps enforcing what it holds,
+// refuses what it cannot record, and writes every waiting record in
+// decision order, with no gap, once the store recovers (§4).
+func TestStoreCannotWrite(t *testing.T) {
+	h := newHarness(t)
+	for _, d := range []string{"chair-1", "chair-2", "chair-3"} {
+		h.online(d, edged.StatusIdle)
+	}
+	h.rental(grant("r1", "chair-1", "alice", 10))
+	h.ack("chair-1", "start", true)
+	seq := h.lastSeq()
+	h.store.setFail(errDiskFull)
+
+	send := func(what string, f func([]byte) error, msg map[string]any) {
+		t.Helper()
+		b, _ := json.Marshal(msg)
+		if err := f(b); edged.ErrorCode(err) != edged.EUNAVAILABLE {
+			t.Fatalf("%s while the store cannot write: %v, want unavailable (left unacknowledged)", what, err)
+		}
+	}
+	send("grant", func(b []byte) error { return h.st.Rental(ctx, b) }, grant("r2", "chair-2", "bob", 60))
+	send("renter command", func(b []byte) error { return h.st.RenterCommand(ctx, b) },
+		map[string]any{"cmd_id": "c1", "device_id": "chair-1", "renter_id": "alice", "action": "massage"})
+	if sent := h.dev.take(); len(sent) != 0 {
+		t.Fatalf("refused messages reached devices: %+v", sent)
+	}
+	if err := h.st.DeviceEvent(ctx, "chair-2", []byte(`{"type":"door"}`)); edged.ErrorCode(err) != edged.EUNAVAILABLE {
+		t.Fatalf("device event while the store cannot write: %v, want an error (no PUBACK)", err)
+	}
+	// Unrented use is still stopped; the report itself is taken.
+	if err := h.st.DeviceState(ctx, "chair-3", edged.StateReport{Status: edged.StatusInUse}); err != nil {
+		t.Fatalf("state report: %v", err)
+	}
+	if got := h.stopsTo("chair-3"); len(got) != 1 {
+		t.Fatalf("unrented use with a full disk: stops %+v, want one", got)
+	}
+	// An extend is carried out, left unacknowledged, and answered alike.
+	ext := map[string]any{"op": "extend", "rental_id": "r1", "device_id": "chair-1", "renter_id": "alice", "duration_s": 20}
+	send("extend", func(b []byte) error { return h.st.Rental(ctx, b) }, ext)
+	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "start" || sent[0].Cmd.DurationS != 20 {
+		t.Fatalf("after the extend sent %+v, want start with 20 s", sent)
+	}
+	send("redelivered extend", func(b []byte) error { return h.st.Rental(ctx, b) }, ext)
+	// Presence still counts: the stop waits for the device to return.
+	if err := h.st.DeviceOnline(ctx, "chair-1", false); err != nil {
+		t.Fatal(err)
+	}
+	h.tick(20 * time.Second)
+	if len(h.st.ActiveRentals()) != 0 {
+		t.Fatal("the rental outlived its time on a full disk")
+	}
+	if err := h.st.DeviceOnline(ctx, "chair-1", true); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.stopsTo("chair-1"); len(got) != 1 || got[0].RentalID != "r1" {
+		t.Fatalf("on return sent %+v, want the stop of r1", got)
+	}
+	// Maintenance cannot be saved: refused and not applied.
+	if err := h.st.SetMaintenance(ctx, "chair-2", true); edged.ErrorCode(err) != edged.EUNAVAILABLE {
+		t.Fatalf("maintenance on a full disk: %v, want unavailable", err)
+	}
+	if st, _ := h.st.Device("chair-2"); st.Maintenance {
+		t.Fatal("maintenance applied though it could not be saved")
+	}
+	if got := h.since(seq); len(got) != 0 {
+		t.Fatalf("written while the store failed: %v", types(got))
+	}
+	if h.st.Unrecorded() == 0 {
+		t.Fatal("Unrecorded() = 0 with records waiting")
+	}
+
+	h.store.setFail(nil)
+	h.tick(5 * time.Second)
+	if n := h.st.Unrecorded(); n != 0 {
+		t.Fatalf("Unrecorded() = %d after the store recovered", n)
+	}
+	evs := h.since(seq)
+	want := "rental.result command.result device.unrented_use rental.result rental.extended " +
+		"rental.result device.offline rental.ended device.online"
+	if got := strings.Join(types(evs), " "); got != want {
+		t.Fatalf("written after recovery:\n%s\nwant, in decision order:\n%s", got, want)
+	}
+	// The grant, the renter command, the extend and its redelivery.
+	if got := results(evs); strings.Join(got, " ") != "unavailable unavailable ok ok" {
+		t.Fatalf("results = %v", got)
+	}
+	for i, e := range h.since(0) {
+		if e.Seq != uint64(i+1) {
+			t.Fatalf("event %d has seq %d: a gap", i, e.Seq)
+		}
+	}
+	if err := h.st.DeviceEvent(ctx, "chair-2", []byte(`{"type":"door"}`)); err != nil {
+		t.Fatalf("device event after recovery: %v", err)
+	}
+	if err := h.st.SetMaintenance(ctx, "chair-2", true); err != nil {
+		t.Fatal(err)
+	}
+	if !h.store.durable["chair-2"].Maintenance {
+		t.Fatal("maintenance answered before it was durable")
+	}
+}
+
+// A restart while the disk is full comes up and enforces the rentals it
+// has: an active one ends on time with its stop, a starting one times out
+// and its device is stopped; the records are written once the disk
+// recovers.
+func TestRestartWithFullStore(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.online("chair-2", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 60))
+	h.ack("chair-1", "start", true)
+	h.rental(grant("r2", "chair-2", "bob", 60))
+	h.dev.take()
+	h.tick(3 * time.Second) // checkpoint
+	seq := h.lastSeq()
+	h.store.setFail(errDiskFull)
+	h.restart()
+	if h.st.Unrecorded() == 0 {
+		t.Fatal("the resume's records are not waiting")
+	}
+	h.online("chair-1", edged.StatusInUse)
+	h.online("chair-2", edged.StatusIdle)
+	sent := h.dev.take()
+	if len(sent) != 2 || sent[0].Cmd.Action != "start" || sent[0].Cmd.DurationS != 57 || sent[1].Cmd.Action != "stop" || sent[1].Cmd.RentalID != "r2" {
+		t.Fatalf("on return sent %+v, want start of r1 with 57 s and the stop of r2", sent)
+	}
+	h.tick(56 * time.Second)
+	if len(h.st.ActiveRentals()) != 1 {
+		t.Fatal("r1 ended early")
+	}
+	h.tick(time.Second)
+	if got := h.stopsTo("chair-1"); len(got) != 1 || got[0].RentalID != "r1" {
+		t.Fatalf("at the end sent %+v, want the stop of r1", got)
+	}
+	h.store.setFail(nil)
+	h.tick(5 * time.Second)
+	evs := h.since(seq)
+	if got := strings.Join(types(evs), " "); got != "rental.result device.online device.online rental.ended" {
+		t.Fatalf("written after recovery: %s", got)
+	}
+	if r, _ := h.store.Rental(ctx, "r2"); r.State != edged.RentalRejected || r.Reason != edged.ReasonTimeout {
+		t.Fatalf("r2 stored as %s/%s, want rejected/timeout", r.State, r.Reason)
+	}
+	for i, e := range h.since(0) {
+		if e.Seq != uint64(i+1) {
+			t.Fatalf("event %d has seq %d: a gap", i, e.Seq)
+		}
+	}
+}
