@@ -183,6 +183,9 @@ type rig struct {
 	bus *Bus
 	sim *sim.Sim
 	rep *fakeReporter
+	// stop ends the bus's Run and waits for it: no request is in flight
+	// after it returns.
+	stop func()
 }
 
 type rigOptions struct {
@@ -239,18 +242,22 @@ func startRig(t testing.TB, o rigOptions) *rig {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- b.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Errorf("Run: %v", err)
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Errorf("Run: %v", err)
+				}
+			case <-time.After(5 * time.Second):
+				t.Errorf("Run did not return within 5s of cancel")
 			}
-		case <-time.After(5 * time.Second):
-			t.Errorf("Run did not return within 5s of cancel")
-		}
-	})
-	return &rig{bus: b, sim: s, rep: rep}
+		})
+	}
+	t.Cleanup(stop)
+	return &rig{bus: b, sim: s, rep: rep, stop: stop}
 }
 
 // TestEightDevices polls eight devices on one pty bus and checks that each
