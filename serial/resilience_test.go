@@ -265,15 +265,24 @@ func TestCommandsJumpThePollQueue(t *testing.T) {
 		}
 		return true
 	})
+	// The quickest of three commands to three devices: a command queued
+	// behind the polls would wait about a round every time, while one
+	// stall of a loaded machine delays only one of them.
 	cycle := r.bus.Health().Devices[0].PollPeriod
-	start := time.Now()
-	if err := r.bus.Send(context.Background(), devID(5), edged.DeviceCommand{CmdID: "q1", Action: edged.ActionStop}); err != nil {
-		t.Fatal(err)
+	var latency time.Duration
+	for i, n := range []int{5, 2, 7} {
+		id, cmdID := devID(n), fmt.Sprintf("q%d", i)
+		start := time.Now()
+		if err := r.bus.Send(context.Background(), id, edged.DeviceCommand{CmdID: cmdID, Action: edged.ActionStop}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, 10*time.Second, "ack", func() bool { _, ok := r.rep.ack(id, cmdID); return ok })
+		if d := time.Since(start); i == 0 || d < latency {
+			latency = d
+		}
 	}
-	waitFor(t, 10*time.Second, "ack", func() bool { _, ok := r.rep.ack(devID(5), "q1"); return ok })
-	latency := time.Since(start)
-	t.Logf("command acked in %v; a round of polls takes %v", latency, cycle)
+	t.Logf("quickest command acked in %v; a round of polls takes %v", latency, cycle)
 	if latency > cycle/2 {
-		t.Errorf("command took %v, more than half a poll round (%v)", latency, cycle)
+		t.Errorf("commands took at least %v, more than half a poll round (%v)", latency, cycle)
 	}
 }
