@@ -229,3 +229,41 @@ func TestRestoredTelemetryIsBounded(t *testing.T) {
 		t.Errorf("restored telemetry has %d fields (big kept: %v), want the 10 small ones", len(st.Telemetry), st.Telemetry["big"] != nil)
 	}
 }
+
+// TestDeviceEventSizeAsSent: a device event is bounded by its size as it
+// goes upstream, where json.Marshal escapes '<', '>' and '&' as six bytes,
+// so no event message can be several times the 64 KiB payload limit.
+func TestDeviceEventSizeAsSent(t *testing.T) {
+	tests := []struct {
+		name  string
+		fill  string
+		bytes int
+		ok    bool
+	}{
+		{"60 KiB of plain text", "a", 60 << 10, true},
+		{"12 KiB of '<', 72 KiB escaped", "<", 12 << 10, false},
+		{"10 KiB of '&', 60 KiB escaped", "&", 10 << 10, true},
+		{"8 KiB of U+2028, 16 KiB escaped", "\u2028", 8 << 10, true},
+		{"30 KiB of U+2028, 60 KiB escaped", "\u2028", 30 << 10, true},
+		{"36 KiB of U+2029, 72 KiB escaped", "\u2029", 36 << 10, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// Raw characters, as a device may send them (json.Marshal
+			// would send them escaped).
+			b := []byte(`{"type":"note","text":"` + strings.Repeat(tt.fill, tt.bytes/len(tt.fill)) + `"}`)
+			raw, err := edged.ParseDeviceEvent(b)
+			if (err == nil) != tt.ok {
+				t.Fatalf("err = %v, want ok %v", err, tt.ok)
+			}
+			if err != nil {
+				return
+			}
+			// The event as the uplink sends it.
+			env, _ := json.Marshal(edged.DeviceEventData{DeviceID: "chair-1", Event: raw})
+			if len(env) > edged.MaxPayload+256 {
+				t.Errorf("event data of %d bytes, over the payload limit", len(env))
+			}
+		})
+	}
+}

@@ -253,6 +253,21 @@ func validTelemetryKey(k string) bool {
 	return k != "" && len(k) <= MaxTelemetryKey && ValidToken(k) && jsonLen(k) <= MaxTelemetryKey
 }
 
+// escapedLen is the length of the compact JSON b once json.Marshal has
+// escaped it for HTML, as it does to a json.RawMessage.
+func escapedLen(b []byte) int {
+	n := len(b)
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; {
+		case c == '<' || c == '>' || c == '&':
+			n += 5 // \u003c
+		case c == 0xE2 && i+2 < len(b) && b[i+1] == 0x80 && b[i+2]&^1 == 0xA8:
+			n += 3 // U+2028, U+2029: three bytes become six
+		}
+	}
+	return n
+}
+
 // jsonLen is the length of s as json.Marshal writes it, without the quotes.
 func jsonLen(s string) int {
 	b, _ := json.Marshal(s) // a string always marshals
@@ -429,6 +444,13 @@ func ParseDeviceEvent(payload []byte) (json.RawMessage, error) {
 	var buf bytes.Buffer
 	if err := json.Compact(&buf, payload); err != nil {
 		return nil, invalid("event is not JSON: %v", err)
+	}
+	// The event goes upstream as json.Marshal writes it, where '<', '>',
+	// '&', U+2028 and U+2029 take six bytes each: bound that size, so a
+	// device cannot make one event message several times MaxPayload, over
+	// the cloud's largest message.
+	if n := escapedLen(buf.Bytes()); n > MaxPayload {
+		return nil, invalid("event is %d bytes as sent upstream, over %d", n, MaxPayload)
 	}
 	return buf.Bytes(), nil
 }

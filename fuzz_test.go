@@ -145,6 +145,12 @@ func FuzzParseDeviceEvent(f *testing.F) {
 		if err := json.Compact(&c, raw); err != nil || !bytes.Equal(c.Bytes(), raw) {
 			t.Fatalf("event %q is not compact", raw)
 		}
+		// As it goes upstream, it stays within the payload limit.
+		var esc bytes.Buffer
+		json.HTMLEscape(&esc, raw)
+		if esc.Len() > edged.MaxPayload {
+			t.Fatalf("event of %d bytes, %d once escaped, accepted", len(raw), esc.Len())
+		}
 	})
 }
 
