@@ -86,9 +86,10 @@ const (
 	maxPendingCommands = 16
 	// pendingCommandTTL is how long such a command stays deliverable.
 	pendingCommandTTL = 10 * time.Second
-	// At most authLogBurst refused logins are logged per authLogWindow;
-	// one line at the window's end counts the rest, so a flood of bad
-	// CONNECTs cannot fill the journal.
+	// At most authLogBurst refused logins of configured devices, and as
+	// many of unknown ids, are logged per authLogWindow; one line at the
+	// window's end counts the rest, so a flood of bad CONNECTs cannot fill
+	// the journal.
 	authLogWindow = 10 * time.Second
 	authLogBurst  = 10
 )

@@ -91,7 +91,13 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if !busy {
 		b.authFailures.Add(1)
 	}
-	if ok, _ := b.authLog.allow("auth"); ok {
+	// Refusals of configured devices and of made-up ids are limited
+	// apart, so a flood of made-up ids cannot hide a real device's.
+	kind := "unknown"
+	if _, known := b.devices[string(pk.Connect.Username)]; known {
+		kind = "known"
+	}
+	if ok, _ := b.authLog.allow(kind, "ids", kind); ok {
 		b.log.Warn("device refused", "device", printable(string(pk.Connect.Username)),
 			"client_id", printable(pk.Connect.ClientIdentifier), "remote", cl.Net.Remote, "reason", err.Error())
 	}
