@@ -86,10 +86,10 @@ func (g *logGate) report(w *gateWindow) {
 	g.mu.Lock()
 	n := w.held
 	w.held = 0
-	window := g.window
+	args := append([]any{"count", n, "window", g.window}, w.attrs...)
 	g.mu.Unlock()
 	if n > 0 {
-		g.log.Warn(g.summary, append([]any{"count", n, "window", window}, w.attrs...)...)
+		g.log.Warn(g.summary, args...)
 	}
 }
 
