@@ -261,11 +261,13 @@ func startRig(t testing.TB, o rigOptions) *rig {
 }
 
 // TestEightDevices polls eight devices on one pty bus and checks that each
-// one's status and telemetry arrive as its registers say.
+// one's status and telemetry arrive as its registers say, with no error
+// on the clean bus. The timeout is generous: a reply the simulator writes
+// late on a loaded machine is not a fault of the bus.
 func TestEightDevices(t *testing.T) {
 	for _, baud := range []int{9600, 115200} {
 		t.Run(fmt.Sprint(baud), func(t *testing.T) {
-			r := startRig(t, rigOptions{baud: baud, units: 8})
+			r := startRig(t, rigOptions{baud: baud, units: 8, timeout: 3 * time.Second})
 			for n := 1; n <= 8; n++ {
 				id := devID(n)
 				waitFor(t, 10*time.Second, id+" state", func() bool { _, ok := r.rep.last(id); return ok })
