@@ -264,6 +264,9 @@ func (s *Station) Open(ctx context.Context) error {
 		if rec.state.Telemetry == nil {
 			rec.state.Telemetry = map[string]any{}
 		}
+		if n := BoundTelemetry(rec.state.Telemetry); n > 0 { // saved before the bounds of §2
+			s.log.Warn("telemetry over the state bounds dropped", "device", st.DeviceID, "fields", n)
+		}
 		if st.Location != nil {
 			rec.state.Location = st.Location
 		}
@@ -1292,13 +1295,17 @@ func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool
 
 // DeviceState records a device's status report. A fault ends its rental
 // (device_fault); in_use with no rental is unrented use, and the device is
-// stopped.
+// stopped. A report whose telemetry would take the device over the state
+// bounds (§2) changes nothing: EINVALID.
 func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateReport) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	rec, err := s.deviceLocked(deviceID)
 	if err != nil {
+		return err
+	}
+	if err := mergeTelemetry(rec.state.Telemetry, r.Extra); err != nil {
 		return err
 	}
 	now := s.clock.Now()
@@ -1308,7 +1315,6 @@ func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateRepor
 	if r.Status != StatusFault {
 		rec.state.Fault = ""
 	}
-	mergeTelemetry(rec.state.Telemetry, r.Extra)
 	switch {
 	case r.Status == StatusFault && rec.rental != nil:
 		if l := rec.rental; l.r.State == RentalStarting {
@@ -1352,16 +1358,22 @@ func seenLocked(rec *deviceRecord, now time.Time) {
 	rec.state.LastSeen = &t
 }
 
-func mergeTelemetry(dst, src map[string]any) {
+// mergeTelemetry merges src into dst, or, when dst would then hold more
+// than MaxTelemetryKeys fields, changes nothing and returns EINVALID: a
+// report that breaks the state bounds is dropped whole (§2).
+func mergeTelemetry(dst, src map[string]any) error {
+	if err := CheckTelemetryMerge(dst, src); err != nil {
+		return err
+	}
 	for k, v := range src {
-		if _, ok := dst[k]; !ok && len(dst) >= MaxTelemetryKeys {
-			continue
-		}
 		dst[k] = v
 	}
+	return nil
 }
 
-// DeviceTelemetry merges telemetry into the device's latest state.
+// DeviceTelemetry merges telemetry into the device's latest state. A
+// report that would take it over the state bounds changes nothing.
+// Errors: ENOTFOUND, EINVALID.
 func (s *Station) DeviceTelemetry(ctx context.Context, deviceID string, t map[string]any) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -1369,9 +1381,11 @@ func (s *Station) DeviceTelemetry(ctx context.Context, deviceID string, t map[st
 	if err != nil {
 		return err
 	}
+	if err := mergeTelemetry(rec.state.Telemetry, t); err != nil {
+		return err
+	}
 	now := s.clock.Now()
 	seenLocked(rec, now)
-	mergeTelemetry(rec.state.Telemetry, t)
 	s.touchLocked(rec, now)
 	return nil
 }
