@@ -240,6 +240,11 @@ func (m *Main) health() health {
 	}
 	h.lastTick = m.Station.LastTick()
 	h.store = m.Store.Healthy()
+	if n := m.Station.Unrecorded(); n > 0 && h.store == nil {
+		// The store may answer again while the station still holds
+		// records it could not write: not healthy until they are down.
+		h.store = fmt.Errorf("%d records waiting to be written", n)
+	}
 	h.serving = m.Broker.Serving()
 	return h
 }
