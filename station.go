@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -22,6 +23,13 @@ const CheckpointInterval = 3 * time.Second
 // unrentedRepeat is how often a device that keeps reporting in_use with no
 // rental is stopped again and reported again.
 const unrentedRepeat = 10 * time.Second
+
+// maxStopWait caps the backoff between resends of an outstanding stop (§4).
+const maxStopWait = 60 * time.Second
+
+// stopIDs is how many of an outstanding stop's latest cmd ids are matched
+// to acks: a late ack of an earlier send still counts.
+const stopIDs = 8
 
 // StationOptions configure a Station.
 type StationOptions struct {
@@ -83,11 +91,22 @@ type deviceRecord struct {
 	state DeviceState
 	// snap is a copy of state taken at its last change, shared read-only
 	// with readers, so DeviceStates does not copy every map on every call.
-	snap         *DeviceState
-	rental       *liveRental // starting or active
-	stopOnReturn bool
+	snap   *DeviceState
+	rental *liveRental // starting or active
+	// stop is the stop not yet delivered, nil when none is outstanding.
+	stop         *outstandingStop
 	graceUntil   time.Time // in_use tolerated until then after a rental ends
 	lastUnrented time.Time
+}
+
+// outstandingStop is a stop the device has not yet acknowledged (§4): sent
+// while the device is online, again every wait (doubling up to
+// maxStopWait), until the device acks one with ok true or reports idle.
+type outstandingStop struct {
+	rec  StopRecord
+	ids  []string      // cmd ids sent, newest last, at most stopIDs
+	wait time.Duration // before the next resend
+	due  time.Time     // next resend while online
 }
 
 type liveRental struct {
@@ -113,8 +132,7 @@ type commandKind int
 const (
 	kindStart  commandKind = iota // a rental's start, awaiting its ack
 	kindResync                    // start resent to a running device; ack ignored
-	kindStop
-	kindRenter // a renter's command forwarded to the device
+	kindRenter                    // a renter's command forwarded to the device
 )
 
 type pendingCommand struct {
@@ -186,6 +204,10 @@ func (s *Station) Open(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("load rentals: %w", err)
 	}
+	stops, err := s.store.Stops(ctx)
+	if err != nil {
+		return fmt.Errorf("load stops: %w", err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, st := range states {
@@ -208,6 +230,15 @@ func (s *Station) Open(ctx context.Context) error {
 	}
 	now := s.clock.Now()
 	var ch Change
+	for _, st := range stops {
+		rec, ok := s.devices[st.DeviceID]
+		if !ok {
+			ch.Stops = append(ch.Stops, StopRecord{DeviceID: st.DeviceID, Done: true})
+			continue
+		}
+		// Sent when the device comes online; all are offline until then.
+		rec.stop = &outstandingStop{rec: st, wait: s.startTimeout}
+	}
 	for _, r := range rentals {
 		rec, ok := s.devices[r.DeviceID]
 		if !ok || rec.rental != nil {
@@ -227,7 +258,7 @@ func (s *Station) Open(ctx context.Context) error {
 			ch.Events = append(ch.Events, s.event(now, EventRentalResult, RentalResultData{
 				RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: ReasonTimeout,
 			}))
-			rec.stopOnReturn = true // sent when the device reconnects
+			ch.Stops = append(ch.Stops, s.beginStopLocked(now, rec, r.ID)) // sent when the device reconnects
 			continue
 		}
 		used := r.Used
@@ -246,7 +277,7 @@ func (s *Station) Open(ctx context.Context) error {
 		s.log.Info("rental resumed", "rental", r.ID, "device", r.DeviceID, "remaining", r.Remaining(used).Round(time.Second))
 	}
 	s.lastCheckpoint = now
-	if len(ch.Rentals) > 0 || len(ch.Events) > 0 {
+	if !ch.Empty() {
 		if _, err := s.store.Commit(ctx, ch); err != nil {
 			return fmt.Errorf("resume rentals: %w", err)
 		}
@@ -313,6 +344,18 @@ func (s *Station) Tick(ctx context.Context) time.Time {
 		s.checkpointLocked(ctx, now)
 	}
 	next := now.Add(time.Second)
+	for _, id := range s.order {
+		rec := s.devices[id]
+		if rec.stop == nil || !rec.state.Online {
+			continue
+		}
+		if !now.Before(rec.stop.due) {
+			s.sendStopLocked(ctx, now, rec)
+		}
+		if rec.stop.due.Before(next) {
+			next = rec.stop.due
+		}
+	}
 	for _, l := range s.live {
 		var at time.Time
 		if l.r.State == RentalStarting {
@@ -494,21 +537,52 @@ func newCmdID() string {
 
 func seconds(d time.Duration) int64 { return int64((d + time.Second/2) / time.Second) }
 
-// stopLocked sends stop to a device now if it is online, else when it
-// returns.
-func (s *Station) stopLocked(ctx context.Context, now time.Time, rec *deviceRecord, rentalID string) {
+// beginStopLocked makes a stop outstanding for the device and returns its
+// record, to be committed with the decision that stops the device. The
+// caller sends it with sendStopLocked once the decision is made.
+func (s *Station) beginStopLocked(now time.Time, rec *deviceRecord, rentalID string) StopRecord {
 	rec.graceUntil = now.Add(2 * s.startTimeout)
-	if !rec.state.Online {
-		rec.stopOnReturn = true
+	sr := StopRecord{DeviceID: rec.dev.ID, RentalID: rentalID, Since: now.UTC().Round(time.Millisecond)}
+	rec.stop = &outstandingStop{rec: sr, wait: s.startTimeout}
+	return sr
+}
+
+// sendStopLocked sends the device's outstanding stop if it is online, and
+// schedules the next resend. A failed send is retried at that resend, like
+// a lost one.
+func (s *Station) sendStopLocked(ctx context.Context, now time.Time, rec *deviceRecord) {
+	st := rec.stop
+	if st == nil || !rec.state.Online {
 		return
 	}
 	id := newCmdID()
-	if err := s.sendLocked(ctx, rec.dev.ID, DeviceCommand{CmdID: id, Action: ActionStop, RentalID: rentalID}); err != nil {
-		rec.stopOnReturn = true
-		return
+	st.ids = append(st.ids, id)
+	if len(st.ids) > stopIDs {
+		st.ids = st.ids[len(st.ids)-stopIDs:]
 	}
-	rec.stopOnReturn = false
-	s.pending[id] = &pendingCommand{kind: kindStop, cmdID: id, deviceID: rec.dev.ID, rentalID: rentalID, deadline: now.Add(s.startTimeout)}
+	st.due = now.Add(st.wait)
+	st.wait = min(2*st.wait, max(maxStopWait, s.startTimeout))
+	_ = s.sendLocked(ctx, rec.dev.ID, DeviceCommand{CmdID: id, Action: ActionStop, RentalID: st.rec.RentalID})
+}
+
+// stopDoneLocked forgets the device's outstanding stop: the device acked
+// it or reported idle.
+func (s *Station) stopDoneLocked(ctx context.Context, now time.Time, rec *deviceRecord, why string) {
+	st := rec.stop
+	rec.stop = nil
+	// A report sent before the stop landed may still say in_use.
+	rec.graceUntil = later(rec.graceUntil, now.Add(s.startTimeout))
+	s.log.Info("stop delivered", "device", rec.dev.ID, "rental", st.rec.RentalID, "by", why)
+	if err := s.commitLocked(ctx, Change{Stops: []StopRecord{{DeviceID: rec.dev.ID, Done: true}}}); err != nil {
+		s.deferLocked(Change{Stops: []StopRecord{{DeviceID: rec.dev.ID, Done: true}}}, now)
+	}
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // resyncLocked sends start again to a running rental's device with the
@@ -540,10 +614,11 @@ func (s *Station) endLocked(ctx context.Context, now time.Time, l *liveRental, r
 	}
 	r.State, r.Reason, r.EndedAt, r.Used, r.CheckpointAt = RentalEnded, reason, now, used, now
 	r.StartCmdID = ""
+	rec := s.devices[r.DeviceID]
 	ch := Change{Rentals: []Rental{r}, Events: []Event{s.event(now, EventRentalEnded, RentalEndedData{
 		RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
 		EndedAt: now.UTC().Round(time.Millisecond), UsedS: seconds(used), Reason: reason,
-	})}}
+	})}, Stops: []StopRecord{s.beginStopLocked(now, rec, r.ID)}}
 	// The device is stopped even when the store refuses the record: the
 	// end is enforced now and recorded as soon as the store takes it.
 	err := s.commitLocked(ctx, ch)
@@ -552,8 +627,7 @@ func (s *Station) endLocked(ctx context.Context, now time.Time, l *liveRental, r
 		s.deferLocked(ch, now)
 	}
 	s.dropLiveLocked(l)
-	rec := s.devices[r.DeviceID]
-	s.stopLocked(ctx, now, rec, r.ID)
+	s.sendStopLocked(ctx, now, rec)
 	s.touchLocked(rec, now)
 	s.log.Info("rental ended", "rental", r.ID, "device", r.DeviceID, "reason", reason, "used_s", seconds(used))
 	return err
@@ -603,16 +677,16 @@ func (s *Station) dropLiveLocked(l *liveRental) {
 func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRental, reason Reason, detail string) {
 	r := l.r
 	r.State, r.Reason, r.StartCmdID = RentalRejected, reason, ""
+	rec := s.devices[r.DeviceID]
 	ch := Change{Rentals: []Rental{r}, Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 		RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: reason,
-	})}}
+	})}, Stops: []StopRecord{s.beginStopLocked(now, rec, r.ID)}}
 	if err := s.commitLocked(ctx, ch); err != nil {
 		s.log.Error("fail rental start: stopping the device, the record will be retried", "rental", r.ID, "err", err)
 		s.deferLocked(ch, now)
 	}
 	s.dropLiveLocked(l)
-	rec := s.devices[r.DeviceID]
-	s.stopLocked(ctx, now, rec, r.ID)
+	s.sendStopLocked(ctx, now, rec)
 	s.touchLocked(rec, now)
 	s.log.Info("rental refused", "rental", r.ID, "device", r.DeviceID, "reason", reason, "detail", detail)
 }
@@ -726,7 +800,8 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 		return refuse(ReasonDeviceFault, true)
 	case !rec.state.Online:
 		return refuse(ReasonDeviceOffline, true)
-	case rec.rental != nil || rec.state.Status == StatusInUse:
+	case rec.rental != nil || rec.stop != nil || rec.state.Status == StatusInUse:
+		// An outstanding stop is busy too: the device may still be running.
 		return refuse(ReasonDeviceBusy, true)
 	}
 	cmdID := newCmdID()
@@ -953,8 +1028,10 @@ func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool
 	if online {
 		if l := rec.rental; l != nil && l.r.State == RentalActive {
 			s.resyncLocked(ctx, now, l)
-		} else if rec.stopOnReturn {
-			s.stopLocked(ctx, now, rec, "")
+		} else if rec.stop != nil {
+			// Back online: the stop goes at once, with a fresh backoff.
+			rec.stop.wait = s.startTimeout
+			s.sendStopLocked(ctx, now, rec)
 		}
 	}
 	s.touchLocked(rec, now)
@@ -980,6 +1057,9 @@ func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateRepor
 		rec.state.Fault = ""
 	}
 	mergeTelemetry(rec.state.Telemetry, r.Extra)
+	if r.Status == StatusIdle && rec.stop != nil {
+		s.stopDoneLocked(ctx, now, rec, "idle")
+	}
 	switch {
 	case r.Status == StatusFault && rec.rental != nil:
 		if l := rec.rental; l.r.State == RentalStarting {
@@ -987,14 +1067,18 @@ func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateRepor
 		} else {
 			err = s.endLocked(ctx, now, l, ReasonDeviceFault)
 		}
-	case r.Status == StatusInUse && rec.rental == nil && now.After(rec.graceUntil):
+	case r.Status == StatusInUse && rec.rental == nil && rec.stop == nil && now.After(rec.graceUntil):
+		// With a stop outstanding, in_use is expected until it lands.
 		if prev != StatusInUse || now.Sub(rec.lastUnrented) >= unrentedRepeat || rec.lastUnrented.IsZero() {
 			rec.lastUnrented = now
-			err = s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventUnrentedUse, DeviceData{DeviceID: deviceID})}})
-			if err == nil {
-				s.log.Warn("unrented use stopped", "device", deviceID)
-				s.stopLocked(ctx, now, rec, "")
+			ch := Change{Events: []Event{s.event(now, EventUnrentedUse, DeviceData{DeviceID: deviceID})},
+				Stops: []StopRecord{s.beginStopLocked(now, rec, "")}}
+			err = s.commitLocked(ctx, ch)
+			if err != nil {
+				s.deferLocked(ch, now)
 			}
+			s.log.Warn("unrented use stopped", "device", deviceID)
+			s.sendStopLocked(ctx, now, rec)
 		}
 	}
 	s.touchLocked(rec, now)
@@ -1075,12 +1159,20 @@ func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) 
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	now := s.clock.Now()
 	p, ok := s.pending[a.CmdID]
 	if !ok || p.deviceID != deviceID {
+		if rec := s.devices[deviceID]; rec != nil && rec.stop != nil && slices.Contains(rec.stop.ids, a.CmdID) {
+			if a.OK {
+				s.stopDoneLocked(ctx, now, rec, "ack")
+			} else {
+				s.log.Warn("device refused stop: it will be sent again", "device", deviceID, "cmd", a.CmdID, "error", a.Error)
+			}
+			return nil
+		}
 		s.log.Debug("ack for no pending command", "device", deviceID, "cmd", a.CmdID)
 		return nil
 	}
-	now := s.clock.Now()
 	rec := s.devices[deviceID]
 	switch p.kind {
 	case kindStart:

@@ -323,8 +323,18 @@ func TestStartTimeoutAndDeviceError(t *testing.T) {
 	if got := results(h.since(seq)); strings.Join(got, " ") != "timeout" {
 		t.Fatalf("results = %v, want timeout", got)
 	}
-	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "stop" {
+	sent := h.dev.take()
+	if len(sent) != 1 || sent[0].Cmd.Action != "stop" {
 		t.Fatalf("after timeout sent %+v, want stop", sent)
+	}
+	// Until the device acknowledges that stop, it takes no new rental.
+	seq = h.lastSeq()
+	h.rental(grant("r0", "chair-1", "a", 60))
+	if got := results(h.since(seq)); strings.Join(got, " ") != "device_busy" {
+		t.Fatalf("grant with a stop outstanding: results = %v, want device_busy", got)
+	}
+	if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: sent[0].Cmd.CmdID, OK: true}); err != nil {
+		t.Fatal(err)
 	}
 
 	seq = h.lastSeq()
@@ -714,4 +724,153 @@ func TestRunBeats(t *testing.T) {
 	if h.st.LastTick().IsZero() {
 		t.Fatal("Run never reported a pass")
 	}
+}
+
+// stopsTo returns the stops among the commands sent so far, forgetting
+// every command sent.
+func (h *harness) stopsTo(dev string) []edged.DeviceCommand {
+	var out []edged.DeviceCommand
+	for _, s := range h.dev.take() {
+		if s.Device == dev && s.Cmd.Action == edged.ActionStop {
+			out = append(out, s.Cmd)
+		}
+	}
+	return out
+}
+
+// A stop is resent until the device acknowledges it, backing off from
+// start_timeout to 60 s, while the device is online, and across restarts.
+func TestStopDelivered(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 10))
+	h.ack("chair-1", "start", true)
+	h.tick(10 * time.Second)
+	first := h.stopsTo("chair-1")
+	if len(first) != 1 || first[0].RentalID != "r1" {
+		t.Fatalf("at the end sent stops %+v, want one for r1", first)
+	}
+	// The device swallows it: resent after start_timeout, then after 10,
+	// 20, 40 and 60 s, never longer.
+	var gaps []time.Duration
+	last := h.clock.Now()
+	for i := 0; i < 2000 && len(gaps) < 8; i++ {
+		h.tick(500 * time.Millisecond)
+		if n := len(h.stopsTo("chair-1")); n > 0 {
+			if n != 1 {
+				t.Fatalf("%d stops at once", n)
+			}
+			gaps = append(gaps, h.clock.Now().Sub(last))
+			last = h.clock.Now()
+		}
+	}
+	want := []time.Duration{5, 10, 20, 40, 60, 60, 60, 60}
+	for i := range want {
+		want[i] *= time.Second
+	}
+	if fmt.Sprint(gaps) != fmt.Sprint(want) {
+		t.Fatalf("stop resent after %v, want %v", gaps, want)
+	}
+	// Busy while outstanding.
+	seq := h.lastSeq()
+	h.rental(grant("r2", "chair-1", "bob", 60))
+	if got := results(h.since(seq)); strings.Join(got, " ") != "device_busy" {
+		t.Fatalf("grant with a stop outstanding = %v, want device_busy", got)
+	}
+	// Offline: nothing is sent; back online: sent at once.
+	h.st.DeviceOnline(ctx, "chair-1", false)
+	h.tick(5 * time.Minute)
+	if got := h.stopsTo("chair-1"); len(got) != 0 {
+		t.Fatalf("sent to an offline device: %+v", got)
+	}
+	// Kept across a restart.
+	h.restart()
+	h.online("chair-1", edged.StatusInUse)
+	back := h.stopsTo("chair-1")
+	if len(back) != 1 || back[0].RentalID != "r1" {
+		t.Fatalf("on return after a restart sent %+v, want the stop of r1", back)
+	}
+	// A refusal keeps it outstanding; ok:true ends it.
+	if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: back[0].CmdID, OK: false, Error: "busy"}); err != nil {
+		t.Fatal(err)
+	}
+	h.tick(5 * time.Second)
+	again := h.stopsTo("chair-1")
+	if len(again) != 1 {
+		t.Fatalf("after ok:false sent %+v, want the stop again", again)
+	}
+	// A late ack of an earlier send counts.
+	if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: back[0].CmdID, OK: true}); err != nil {
+		t.Fatal(err)
+	}
+	h.tick(10 * time.Minute)
+	if got := h.stopsTo("chair-1"); len(got) != 0 {
+		t.Fatalf("sent after the ack: %+v", got)
+	}
+	h.restart()
+	h.online("chair-1", edged.StatusIdle)
+	if got := h.stopsTo("chair-1"); len(got) != 0 {
+		t.Fatalf("a delivered stop came back after a restart: %+v", got)
+	}
+	seq = h.lastSeq()
+	h.rental(grant("r3", "chair-1", "bob", 60))
+	h.ack("chair-1", "start", true)
+	if got := results(h.since(seq)); strings.Join(got, " ") != "ok" {
+		t.Fatalf("grant after the stop landed = %v, want ok", got)
+	}
+}
+
+// Whatever ends a rental, its stop is delivered; a report of idle ends it
+// as an ack does. Unrented use is stopped the same way.
+func TestStopAfterEveryEnd(t *testing.T) {
+	ends := map[string]func(h *harness){
+		"cancel": func(h *harness) {
+			h.rental(map[string]any{"op": "cancel", "rental_id": "r1", "device_id": "chair-1", "renter_id": "alice"})
+		},
+		"renter": func(h *harness) {
+			h.command(map[string]any{"cmd_id": "c1", "device_id": "chair-1", "renter_id": "alice", "action": "end"})
+		},
+		"operator": func(h *harness) { h.st.EndRental(ctx, "r1", edged.ReasonOperator) },
+		"expiry":   func(h *harness) { h.tick(time.Minute) },
+		"fault":    func(h *harness) { h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusFault}) },
+	}
+	for name, end := range ends {
+		t.Run(name, func(t *testing.T) {
+			h := newHarness(t)
+			h.online("chair-1", edged.StatusIdle)
+			h.rental(grant("r1", "chair-1", "alice", 60))
+			h.ack("chair-1", "start", true)
+			h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusInUse})
+			end(h)
+			if got := h.stopsTo("chair-1"); len(got) != 1 {
+				t.Fatalf("at the end sent stops %+v, want one", got)
+			}
+			h.tick(5 * time.Second)
+			if got := h.stopsTo("chair-1"); len(got) != 1 {
+				t.Fatalf("unacknowledged stop resent %d times, want 1", len(got))
+			}
+			h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusIdle})
+			h.tick(5 * time.Minute)
+			if got := h.stopsTo("chair-1"); len(got) != 0 {
+				t.Fatalf("stop resent after the device reported idle: %+v", got)
+			}
+		})
+	}
+	t.Run("unrented use", func(t *testing.T) {
+		h := newHarness(t)
+		h.online("chair-1", edged.StatusInUse)
+		if got := h.stopsTo("chair-1"); len(got) != 1 {
+			t.Fatalf("unrented use: stops %+v, want one", got)
+		}
+		h.tick(5 * time.Second)
+		again := h.stopsTo("chair-1")
+		if len(again) != 1 {
+			t.Fatalf("unacknowledged stop of unrented use resent %d times, want 1", len(again))
+		}
+		h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: again[0].CmdID, OK: true})
+		h.tick(5 * time.Minute)
+		if got := h.stopsTo("chair-1"); len(got) != 0 {
+			t.Fatalf("stop resent after its ack: %+v", got)
+		}
+	})
 }
