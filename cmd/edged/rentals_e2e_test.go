@@ -307,7 +307,6 @@ func TestStopIsResentUntilAcknowledged(t *testing.T) {
 func TestCancelBeforeStartAck(t *testing.T) {
 	// A start_timeout long enough for the cancel to overtake the start's
 	// timeout on a loaded machine; the test waits it out once.
-	t.Skip("needs the station's cancel before the start ack (rental.result cancelled, contract v2 §3.1)")
 	s := startBinStation(t, 3*time.Second, "chair-1", "chair-2")
 	var mu sync.Mutex
 	started := make(chan struct{})
@@ -375,7 +374,6 @@ func TestCancelBeforeStartAck(t *testing.T) {
 // their not_after passed, get the same result as the first time, change
 // nothing and do not start the device again (§3.1).
 func TestRedeliveredRentalMessagesAnsweredAlike(t *testing.T) {
-	t.Skip("needs the station's one result per rental message, re-reported after the end and past not_after (contract v2 §3.1)")
 	s := startBinStation(t, time.Second, "chair-1", "chair-2")
 	chair := s.device("chair-1", nil)
 	other := s.device("chair-2", nil)
