@@ -1,0 +1,333 @@
+package reliability
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stationedge/edged"
+	"github.com/stationedge/edged/internal/devicesim"
+)
+
+// TestDiskFullEnforcesRentals fills the data directory's tmpfs (see
+// TestDiskFull) while two rentals run, and checks what contract v2 §4
+// promises when the store cannot write:
+//
+//   - a rental that ends while the disk is full stops its device on time;
+//   - a grant while the disk is full starts nothing (refused unavailable,
+//     or not acknowledged to the cloud broker);
+//   - SIGKILL and a restart on the still full disk: edged comes up (READY,
+//     /healthz answers) and stops the rental it holds on time;
+//   - once space returns, the log has every record in seq order with no
+//     gap, each rental ended exactly once, and the cloud gets them all.
+//
+// "On time" is against the rental's ends_at as edged reported it, with
+// start_timeout + 2 s of slack for a loaded machine.
+func TestDiskFullEnforcesRentals(t *testing.T) {
+	bin := edgedBinary(t)
+	const startTimeout = time.Second
+	const slack = startTimeout + 2*time.Second
+	dir := t.TempDir()
+	ns := newMountNS(t, filepath.Join(dir, "data"), "4m")
+	cl := newCloud(t)
+	local, httpAddr := freeAddr(t), freeAddr(t)
+	cfg := writeConfig(t, stationConfig{Dir: dir, Local: local, Cloud: cl.Addr,
+		Devices: []string{"chair-1", "chair-2", "chair-3"},
+		Extra:   fmt.Sprintf("rentals: {start_timeout: %s}\nhttp: {listen: %q}\n", startTimeout, httpAddr)})
+	logPath := filepath.Join(dir, "edged.log")
+	dumpLog(t, logPath)
+	wd, env := newWatchdog(t)
+	argv := []string{"nsenter", "-t", fmt.Sprint(ns.pid), "-m", "--", bin, "-config", cfg}
+	d := startDaemon(t, argv, local, logPath, env...)
+	api := "http://" + httpAddr
+
+	devs := map[string]*devicesim.Device{}
+	for _, id := range []string{"chair-1", "chair-2", "chair-3"} {
+		dev := &devicesim.Device{ID: id, Secret: testSecret, Broker: "tcp://" + local}
+		if err := dev.Connect(5 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(dev.Disconnect)
+		devs[id] = dev
+	}
+	for id := range devs {
+		cl.waitEvent(t, "device.online of "+id, edged.EventDeviceOnline, func(d map[string]any) bool { return d["device_id"] == id })
+	}
+
+	// A ends while the disk is full; B outlasts a restart on the full disk.
+	const rentals = "stations/mall-1/down/rentals"
+	cl.send(rentals, map[string]any{"op": "grant", "rental_id": "r-a", "device_id": "chair-1", "renter_id": "alice", "duration_s": 8})
+	cl.send(rentals, map[string]any{"op": "grant", "rental_id": "r-b", "device_id": "chair-2", "renter_id": "bob", "duration_s": 20})
+	endsAt := map[string]time.Time{}
+	for _, id := range []string{"r-a", "r-b"} {
+		data := cl.waitEvent(t, "rental.started of "+id, edged.EventRentalStarted, func(d map[string]any) bool { return d["rental_id"] == id })
+		endsAt[id], _ = time.Parse(time.RFC3339Nano, fmt.Sprint(data["ends_at"]))
+	}
+
+	// Fill the disk, and make the store need new pages until a write
+	// fails: device events of 30 KB from chair-3 (one not acknowledged is
+	// one the store could not take).
+	ns.fill(t)
+	var flood sync.WaitGroup
+	flood.Add(1)
+	go func() {
+		defer flood.Done()
+		pad := strings.Repeat("x", 30000)
+		for i := 0; i < 20; i++ {
+			if devs["chair-3"].Publish("events", map[string]any{"type": "big", "n": i, "pad": pad}) != nil {
+				return
+			}
+		}
+	}()
+	full := waitFor(t, "/healthz 503 on the full disk", time.Until(endsAt["r-a"]), func() bool { return httpStatus(api+"/healthz") == http.StatusServiceUnavailable })
+	t.Logf("store reported unwritable %v after the disk filled; r-a ends in %v", full.Round(10*time.Millisecond), time.Until(endsAt["r-a"]).Round(10*time.Millisecond))
+
+	flood.Wait()
+	reconnect(t, devs["chair-3"]) // if the station dropped it for a message it could not take
+
+	// (d) A grant while the disk is full starts nothing.
+	cl.send(rentals, map[string]any{"op": "grant", "rental_id": "r-full", "device_id": "chair-3", "renter_id": "carol", "duration_s": 60})
+	fullGrantAt := time.Now()
+
+	// (a) r-a's stop reaches chair-1 on time.
+	stop := waitStop(t, devs["chair-1"], "r-a", time.Until(endsAt["r-a"].Add(slack)))
+	t.Logf("r-a ended on the full disk: stop at the device %v after its ends_at", stop.At.Sub(endsAt["r-a"]).Round(time.Millisecond))
+	if stop.At.Before(endsAt["r-a"].Add(-time.Second)) {
+		t.Errorf("r-a stopped %v before its ends_at", endsAt["r-a"].Sub(stop.At))
+	}
+	for time.Since(fullGrantAt) < 2*startTimeout {
+		time.Sleep(50 * time.Millisecond)
+	}
+	// The refusal cannot be made durable, so the grant is not
+	// acknowledged: the cloud broker keeps it and redelivers it.
+	if ackedGrant(cl, "r-full") {
+		t.Errorf("the station acknowledged a grant it could not record (the disk is full)")
+	}
+	for _, c := range devs["chair-3"].Commands() {
+		if c.Action == edged.ActionStart && c.RentalID == "r-full" {
+			t.Errorf("a grant on the full disk started chair-3")
+		}
+	}
+
+	// (b) Power loss on the full disk and a restart on it.
+	readyBefore := wd.count("READY=1")
+	d.kill()
+	d = startDaemon(t, argv, local, logPath, env...)
+	waitFor(t, "READY=1 after the restart on a full disk", 15*time.Second, func() bool { return wd.count("READY=1") > readyBefore })
+	code := 0
+	waitFor(t, "/healthz answers after the restart", 15*time.Second, func() bool { code = httpStatus(api + "/healthz"); return code != 0 })
+	t.Logf("restarted on the full disk: READY sent, /healthz %d", code)
+	for _, id := range []string{"chair-1", "chair-2", "chair-3"} {
+		reconnect(t, devs[id])
+	}
+	stop = waitStop(t, devs["chair-2"], "r-b", time.Until(endsAt["r-b"].Add(slack)))
+	t.Logf("r-b ended after a restart on the full disk: stop at the device %v after its ends_at", stop.At.Sub(endsAt["r-b"]).Round(time.Millisecond))
+	if stop.At.Before(endsAt["r-b"].Add(-time.Second)) {
+		t.Errorf("r-b stopped %v before its ends_at", endsAt["r-b"].Sub(stop.At))
+	}
+
+	// (c) Space returns: every record, in seq order, no gap.
+	ns.free(t)
+	freedAt := time.Now()
+	waitFor(t, "/healthz 200 once space returns", 30*time.Second, func() bool { return httpStatus(api+"/healthz") == http.StatusOK })
+	// The station writes what waited at its next retry (with backoff), and
+	// takes device events again only after that: retry as a device would.
+	tries := 0
+	took := waitFor(t, "a device event taken after space returned", 30*time.Second, func() bool {
+		tries++
+		if devs["chair-3"].Publish("events", map[string]any{"type": "after", "try": tries}) == nil {
+			return true
+		}
+		reconnect(t, devs["chair-3"])
+		return false
+	})
+	t.Logf("space returned: /healthz 200 %v later, a device event taken %v after that (%d tries)",
+		time.Since(freedAt).Round(10*time.Millisecond)-took.Round(10*time.Millisecond), took.Round(10*time.Millisecond), tries)
+	var evs []edged.Event
+	waitFor(t, "both rentals' rental.ended in the log", 20*time.Second, func() bool {
+		evs = apiEvents(t, api)
+		return countEvents(evs, edged.EventRentalEnded, "r-a") > 0 && countEvents(evs, edged.EventRentalEnded, "r-b") > 0
+	})
+	for i, e := range evs {
+		if e.Seq != uint64(i+1) {
+			t.Fatalf("the log's event %d has seq %d: a gap or a repeat", i+1, e.Seq)
+		}
+		if i > 0 && e.TS.Before(evs[i-1].TS) {
+			t.Errorf("seq %d (%s, %s) is older than seq %d (%s, %s): records written out of order",
+				e.Seq, e.Type, e.TS.Format(time.StampMilli), e.Seq-1, evs[i-1].Type, evs[i-1].TS.Format(time.StampMilli))
+		}
+	}
+	for _, id := range []string{"r-a", "r-b"} {
+		if n := countEvents(evs, edged.EventRentalEnded, id); n != 1 {
+			t.Errorf("%s has %d rental.ended, want 1", id, n)
+		}
+	}
+	// The grant sent on the full disk is answered once the disk is back:
+	// refused unavailable, or, redelivered after space returned, granted.
+	fullResults := 0
+	for _, e := range evs {
+		var data map[string]any
+		json.Unmarshal(e.Data, &data)
+		if e.Type == edged.EventRentalResult && data["rental_id"] == "r-full" {
+			fullResults++
+			t.Logf("grant on the full disk: rental.result seq %d %v", e.Seq, data)
+			if data["ok"] == true && e.TS.Before(freedAt) || data["ok"] == false && data["reason"] != "unavailable" {
+				t.Errorf("grant on the full disk: rental.result %v at %s (space returned at %s), want unavailable while full",
+					data, e.TS.Format(time.StampMilli), freedAt.Format(time.StampMilli))
+			}
+		}
+	}
+	if fullResults == 0 {
+		t.Errorf("the grant sent on the full disk never got a rental.result")
+	}
+	last := evs[len(evs)-1].Seq
+	waitFor(t, "the cloud gets every seq", 30*time.Second, func() bool {
+		got := cl.Events()
+		for s := uint64(1); s <= last; s++ {
+			if _, ok := got[s]; !ok {
+				return false
+			}
+		}
+		return true
+	})
+	got := cl.Events()
+	for _, e := range evs {
+		if g := got[e.Seq]; g.Type != e.Type || string(g.Data) != string(e.Data) {
+			t.Errorf("seq %d: the cloud got %s %s, the log has %s %s", e.Seq, g.Type, g.Data, e.Type, e.Data)
+		}
+	}
+	t.Logf("after recovery: %d events in the log, seq 1..%d, all at the cloud", len(evs), last)
+	logged, _ := os.ReadFile(logPath)
+	t.Logf("uplink reconnects logged (a grant left for redelivery drops the link): %d; rental.result for the one grant sent on the full disk: %d",
+		strings.Count(string(logged), `msg="uplink lost"`), fullResults)
+	d.stop()
+}
+
+// waitEvent waits for an event of typ whose data matches f and returns
+// its data.
+func (c *cloud) waitEvent(t *testing.T, what string, typ edged.EventType, f func(map[string]any) bool) map[string]any {
+	t.Helper()
+	var found map[string]any
+	waitFor(t, what, 15*time.Second, func() bool {
+		for _, e := range c.Events() {
+			var d map[string]any
+			if e.Type == typ && json.Unmarshal(e.Data, &d) == nil && f(d) {
+				found = d
+				return true
+			}
+		}
+		return false
+	})
+	return found
+}
+
+// ackedGrant reports whether the station PUBACKed a grant for rentalID.
+func ackedGrant(c *cloud, rentalID string) bool {
+	for _, p := range c.Acked() {
+		if strings.Contains(string(p), `"rental_id":"`+rentalID+`"`) {
+			return true
+		}
+	}
+	return false
+}
+
+// count returns how many times edged sent the notify line l.
+func (w *watchdog) count(l string) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n := 0
+	for _, s := range w.all {
+		if s == l {
+			n++
+		}
+	}
+	return n
+}
+
+// httpStatus is the status code of a GET, 0 when it gets no answer.
+func httpStatus(url string) int {
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// apiEvents reads the whole event log through the API, oldest first.
+func apiEvents(t *testing.T, api string) []edged.Event {
+	t.Helper()
+	var all []edged.Event
+	for after := uint64(0); ; {
+		resp, err := http.Get(fmt.Sprintf("%s/api/v1/events?after=%d&limit=1000", api, after))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var page []edged.Event
+		err = json.NewDecoder(resp.Body).Decode(&page)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET /api/v1/events: %d %v", resp.StatusCode, err)
+		}
+		if len(page) == 0 {
+			return all
+		}
+		all = append(all, page...)
+		after = page[len(page)-1].Seq
+	}
+}
+
+func countEvents(evs []edged.Event, typ edged.EventType, rentalID string) int {
+	n := 0
+	for _, e := range evs {
+		var d map[string]any
+		if e.Type == typ && json.Unmarshal(e.Data, &d) == nil && d["rental_id"] == rentalID {
+			n++
+		}
+	}
+	return n
+}
+
+// waitStop waits up to within for dev's first stop for rentalID.
+func waitStop(t *testing.T, dev *devicesim.Device, rentalID string, within time.Duration) devicesim.Command {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		for _, c := range dev.Commands() {
+			if c.Action == edged.ActionStop && c.RentalID == rentalID {
+				return c
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s got no stop for %s in time (by ends_at + slack); commands: %+v", dev.ID, rentalID, dev.Commands())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// reconnect connects dev again after the station restarted, keeping the
+// commands it received.
+func reconnect(t *testing.T, dev *devicesim.Device) {
+	t.Helper()
+	dev.Disconnect()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := dev.Connect(2 * time.Second)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s cannot reconnect: %v", dev.ID, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
