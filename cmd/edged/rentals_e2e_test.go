@@ -31,6 +31,9 @@ type binStation struct {
 	cloud   *cloudClient
 	timeout time.Duration // rentals.start_timeout
 	markers atomic.Int64
+
+	bin, config, logPath string
+	d                    *daemon
 }
 
 // startBinStation builds and starts edged with rentals.start_timeout set
@@ -67,8 +70,31 @@ func startBinStation(t *testing.T, startTimeout time.Duration, devices ...string
 		}
 	})
 	cc := newCloudClient(t, cloud)
-	startDaemon(t, bin, config, local, logPath)
-	return &binStation{t: t, local: local, api: "http://" + httpAddr, cloud: cc, timeout: startTimeout}
+	d := startDaemon(t, bin, config, local, logPath)
+	return &binStation{t: t, local: local, api: "http://" + httpAddr, cloud: cc, timeout: startTimeout,
+		bin: bin, config: config, logPath: logPath, d: d}
+}
+
+// powerLoss kills edged (SIGKILL), starts it again on the same store and
+// reconnects devs.
+func (s *binStation) powerLoss(devs ...*devicesim.Device) {
+	s.t.Helper()
+	s.d.kill()
+	s.d = startDaemon(s.t, s.bin, s.config, s.local, s.logPath)
+	for _, dev := range devs {
+		dev.Disconnect()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			err := dev.Connect(2 * time.Second)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				s.t.Fatalf("%s cannot reconnect after the restart: %v", dev.ID, err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
 }
 
 // device connects a simulated device that answers commands as answer
@@ -371,8 +397,9 @@ func TestCancelBeforeStartAck(t *testing.T) {
 
 // TestRedeliveredRentalMessagesAnsweredAlike: a grant, an extend and a
 // cancel, each redelivered byte for byte after the rental ended and after
-// their not_after passed, get the same result as the first time, change
-// nothing and do not start the device again (§3.1).
+// their not_after passed, and again after a power loss, get the same
+// result as the first time, change nothing and do not start the device
+// again (§3.1).
 func TestRedeliveredRentalMessagesAnsweredAlike(t *testing.T) {
 	s := startBinStation(t, time.Second, "chair-1", "chair-2")
 	chair := s.device("chair-1", nil)
@@ -402,40 +429,46 @@ func TestRedeliveredRentalMessagesAnsweredAlike(t *testing.T) {
 	for !time.Now().After(notAfter.Add(500 * time.Millisecond)) {
 		time.Sleep(50 * time.Millisecond)
 	}
-	before := s.marker(other)
-	starts := countAction(chair, edged.ActionStart)
-
-	for _, m := range msgs {
-		s.rental(m)
-	}
-	for _, m := range msgs {
-		op := m["op"].(string)
-		again := s.waitResults("r-re", op, 2)[1]
-		if again["ok"] != first[op]["ok"] || again["reason"] != first[op]["reason"] {
-			t.Errorf("redelivered %s after the end and past not_after: rental.result = %v, first time %v", op, again, first[op])
+	redeliver := func(when string, n int) {
+		t.Helper()
+		before := s.marker(other)
+		starts := countAction(chair, edged.ActionStart)
+		for _, m := range msgs {
+			s.rental(m)
+		}
+		for _, m := range msgs {
+			op := m["op"].(string)
+			again := s.waitResults("r-re", op, n)[n-1]
+			if again["ok"] != first[op]["ok"] || again["reason"] != first[op]["reason"] {
+				t.Errorf("redelivered %s %s: rental.result = %v, first time %v", op, when, again, first[op])
+			}
+		}
+		after := s.marker(other)
+		var extra []string
+		for _, e := range after[len(before):] {
+			var d map[string]any
+			json.Unmarshal(e.Data, &d)
+			if d["rental_id"] == "r-re" && e.Type != edged.EventRentalResult {
+				extra = append(extra, string(e.Type))
+			}
+			if e.Type == edged.EventRentalResult && d["rental_id"] != "r-re" {
+				extra = append(extra, string(e.Type)+" for "+fmt.Sprint(d["rental_id"]))
+			}
+		}
+		for _, m := range msgs {
+			if got := len(s.results("r-re", m["op"].(string))); got != n {
+				extra = append(extra, fmt.Sprintf("%d results for %s, want %d", got, m["op"], n))
+			}
+		}
+		if len(extra) > 0 {
+			t.Errorf("the redeliveries %s changed more than their results: %v", when, extra)
+		}
+		if got := countAction(chair, edged.ActionStart); got != starts {
+			t.Errorf("chair-1 got %d start commands after the redeliveries %s, want none", got-starts, when)
 		}
 	}
-	after := s.marker(other)
-	var extra []string
-	for _, e := range after[len(before):] {
-		var d map[string]any
-		json.Unmarshal(e.Data, &d)
-		if d["rental_id"] == "r-re" && e.Type != edged.EventRentalResult {
-			extra = append(extra, string(e.Type))
-		}
-		if e.Type == edged.EventRentalResult && d["rental_id"] != "r-re" {
-			extra = append(extra, string(e.Type)+" for "+fmt.Sprint(d["rental_id"]))
-		}
-	}
-	for _, m := range msgs {
-		if n := len(s.results("r-re", m["op"].(string))); n != 2 {
-			extra = append(extra, fmt.Sprintf("%d results for %s", n, m["op"]))
-		}
-	}
-	if len(extra) > 0 {
-		t.Errorf("the redeliveries changed more than their results: %v", extra)
-	}
-	if n := countAction(chair, edged.ActionStart); n != starts {
-		t.Errorf("chair-1 got %d more start commands after the redeliveries, want none", n-starts)
-	}
+	redeliver("after the end and past not_after", 2)
+	// The answers come from the store: the same after a power loss.
+	s.powerLoss(chair, other)
+	redeliver("after a restart", 3)
 }
