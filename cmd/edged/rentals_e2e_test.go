@@ -34,6 +34,7 @@ type binStation struct {
 
 	bin, config, logPath string
 	d                    *daemon
+	upAt                 time.Time // when edged was back up after powerLoss
 }
 
 // startBinStation builds and starts edged with rentals.start_timeout set
@@ -81,6 +82,7 @@ func (s *binStation) powerLoss(devs ...*devicesim.Device) {
 	s.t.Helper()
 	s.d.kill()
 	s.d = startDaemon(s.t, s.bin, s.config, s.local, s.logPath)
+	s.upAt = time.Now()
 	for _, dev := range devs {
 		dev.Disconnect()
 		deadline := time.Now().Add(10 * time.Second)
@@ -251,8 +253,8 @@ func grant(id, device string, seconds int) map[string]any {
 // TestStopIsResentUntilAcknowledged: a device that loses its first stop
 // gets another one for the same rental, and a device that refuses stop
 // (ok false) keeps getting it, taking no new rental meanwhile, until it
-// reports idle (§4 "a stop is delivered"). One rental is ended by a
-// cancel from the cloud, the other by a technician.
+// reports idle, across a power loss too (§4 "a stop is delivered"). One
+// rental is ended by a cancel from the cloud, the other by a technician.
 func TestStopIsResentUntilAcknowledged(t *testing.T) {
 	s := startBinStation(t, time.Second, "chair-lost", "chair-refuse")
 	var stopsSeen atomic.Int32
@@ -303,6 +305,17 @@ func TestStopIsResentUntilAcknowledged(t *testing.T) {
 	s.rental(grant("r-busy", "chair-refuse", 60))
 	if r := s.waitResults("r-busy", "grant", 1)[0]; r["ok"] != false || r["reason"] != "device_busy" {
 		t.Errorf("grant while a stop is outstanding = %v, want ok false, device_busy", r)
+	}
+
+	// The outstanding stop survives a power loss: the device, back and
+	// still running, gets it again.
+	before := len(stopsFor(refusing, "r-refuse"))
+	s.powerLoss(lost, refusing)
+	stops = waitStops(t, refusing, "r-refuse", before+1, 10*s.timeout)
+	t.Logf("after a power loss, the outstanding stop came %v after edged was back up", stops[before].At.Sub(s.upAt).Round(time.Millisecond))
+	s.rental(grant("r-busy-2", "chair-refuse", 60))
+	if r := s.waitResults("r-busy-2", "grant", 1)[0]; r["ok"] != false || r["reason"] != "device_busy" {
+		t.Errorf("grant after the restart while a stop is outstanding = %v, want ok false, device_busy", r)
 	}
 
 	// The device finally reports idle: the stop is delivered and it can

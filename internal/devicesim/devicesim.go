@@ -51,7 +51,8 @@ type Command struct {
 }
 
 // Connect connects the device and subscribes to its commands; it reports
-// itself idle.
+// what it is doing: idle at first, in_use when it connects again while
+// still running (a stop it lost or refused).
 func (d *Device) Connect(timeout time.Duration) error {
 	o := mqtt.NewClientOptions().AddBroker(d.Broker).SetClientID(d.ID).
 		SetUsername(d.ID).SetPassword(d.Secret).SetProtocolVersion(4).
@@ -67,14 +68,17 @@ func (d *Device) Connect(timeout time.Duration) error {
 	}
 	d.mu.Lock()
 	d.client = c
-	d.status = "idle"
+	if d.status == "" {
+		d.status = "idle"
+	}
+	status := d.status
 	d.mu.Unlock()
 	sub := c.Subscribe("devices/"+d.ID+"/commands", 1, d.handle)
 	if !sub.WaitTimeout(timeout) || sub.Error() != nil {
 		c.Disconnect(0)
 		return fmt.Errorf("%s: subscribe: %v", d.ID, sub.Error())
 	}
-	return d.Publish("state", map[string]any{"status": "idle"})
+	return d.Publish("state", map[string]any{"status": status})
 }
 
 // Disconnect closes the connection.
