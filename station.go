@@ -90,9 +90,14 @@ type Station struct {
 	// the latest queued record of each key, for lookups meanwhile.
 	unrecorded  []deferredChange
 	unrecordedN atomic.Int64
-	queued      queuedRecords
-	retryAt     time.Time
-	retryWait   time.Duration
+	// stopsDone are delivered stops whose records are deleted with the
+	// next commit (or by Tick within a second): losing one in a crash only
+	// resends a stop the device acknowledges again, and any new rental of
+	// the device commits it first, so it costs no fsync of its own.
+	stopsDone []StopRecord
+	queued    queuedRecords
+	retryAt   time.Time
+	retryWait time.Duration
 }
 
 // maxUnrecorded bounds the changes kept in memory while the store cannot
@@ -227,8 +232,11 @@ func (s *Station) ID() string { return s.id }
 // Open restores the station from its store: the last known device states
 // (all offline until they report), and every rental that was running,
 // resumed with the time it had left at its last checkpoint, less the
-// downtime when the wall clock lets it be measured (§4). A grant whose start
-// was never acknowledged before the restart ends as timeout.
+// downtime when the wall clock lets it be measured (§4), and every stop not
+// yet delivered. A grant whose start was never acknowledged before the
+// restart ends as timeout. Open fails only when the store cannot be read: a
+// store that cannot write (a full disk) keeps the resume's records in
+// memory until it can, and the station enforces its rentals meanwhile.
 func (s *Station) Open(ctx context.Context) error {
 	states, err := s.store.DeviceStates(ctx)
 	if err != nil {
@@ -374,6 +382,9 @@ func (s *Station) Tick(ctx context.Context) time.Time {
 	if len(s.live) > 0 && now.Sub(s.lastCheckpoint) >= CheckpointInterval {
 		s.checkpointLocked(ctx, now)
 	}
+	if len(s.stopsDone) > 0 {
+		_ = s.commitLocked(ctx, now, Change{})
+	}
 	next := now.Add(time.Second)
 	for _, id := range s.order {
 		rec := s.devices[id]
@@ -496,11 +507,22 @@ func (s *Station) commitLocked(ctx context.Context, now time.Time, ch Change) er
 		s.log.Error("change refused by the store", "err", err)
 		return err
 	}
-	s.deferLocked(now, deferredChange{ch: ch}, err)
+	s.deferLocked(now, deferredChange{ch: s.withStopsDoneLocked(ch)}, err)
+	s.stopsDone = nil
 	for _, e := range ch.Events {
 		s.countLocked(e)
 	}
 	return err
+}
+
+// withStopsDoneLocked returns ch with the delivered stops' deletions first,
+// so a stop begun in ch for the same device comes after them.
+func (s *Station) withStopsDoneLocked(ch Change) Change {
+	if len(s.stopsDone) == 0 {
+		return ch
+	}
+	ch.Stops = append(slices.Clone(s.stopsDone), ch.Stops...)
+	return ch
 }
 
 // tryCommitLocked commits ch durably, or fails and changes nothing. While
@@ -510,9 +532,10 @@ func (s *Station) tryCommitLocked(ctx context.Context, now time.Time, ch Change)
 	if !s.writableLocked(ctx, now, false) {
 		return errUnrecorded(len(s.unrecorded))
 	}
-	if _, err := s.store.Commit(ctx, ch); err != nil {
+	if _, err := s.store.Commit(ctx, s.withStopsDoneLocked(ch)); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
+	s.stopsDone = nil
 	for _, e := range ch.Events {
 		s.countLocked(e)
 	}
@@ -664,7 +687,7 @@ func (s *Station) stopDoneLocked(ctx context.Context, now time.Time, rec *device
 	// A report sent before the stop landed may still say in_use.
 	rec.graceUntil = later(rec.graceUntil, now.Add(s.startTimeout))
 	s.log.Info("stop delivered", "device", rec.dev.ID, "rental", st.rec.RentalID, "by", why)
-	_ = s.commitLocked(ctx, now, Change{Stops: []StopRecord{{DeviceID: rec.dev.ID, Done: true}}})
+	s.stopsDone = append(s.stopsDone, StopRecord{DeviceID: rec.dev.ID, Done: true})
 }
 
 func later(a, b time.Time) time.Time {
@@ -1231,8 +1254,8 @@ func (s *Station) commandLocked(ctx context.Context, cmdID string) (CommandRecor
 }
 
 // DeviceOnline records a device connecting or going away. A device that
-// returns during its rental gets start again with the time left; one whose
-// rental ended while it was away gets its stop.
+// returns during its rental gets start again with the time left; one with a
+// stop outstanding gets it at once.
 func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
@@ -1370,7 +1393,9 @@ func (s *Station) DeviceLocation(ctx context.Context, deviceID string, l Locatio
 
 // DeviceEvent appends a device's event to the log, durably, as a
 // device.event. It does not take the station's lock, so events from many
-// devices are committed together.
+// devices are committed together. While records wait for the store it
+// fails with EUNAVAILABLE, so the device is not acknowledged and the event
+// does not overtake them.
 func (s *Station) DeviceEvent(ctx context.Context, deviceID string, event []byte) error {
 	if _, ok := s.devices[deviceID]; !ok { // devices is not modified after NewStation
 		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
