@@ -127,10 +127,10 @@ func TestDiskFullEnforcesRentals(t *testing.T) {
 	}
 
 	// (b) Power loss on the full disk and a restart on it.
-	readyBefore := wd.count("READY=1")
+	readyBefore := wd.notified("READY=1")
 	d.kill()
 	d = startDaemon(t, argv, local, logPath, env...)
-	waitFor(t, "READY=1 after the restart on a full disk", 15*time.Second, func() bool { return wd.count("READY=1") > readyBefore })
+	waitFor(t, "READY=1 after the restart on a full disk", 15*time.Second, func() bool { return wd.notified("READY=1") > readyBefore })
 	code := 0
 	waitFor(t, "/healthz answers after the restart", 15*time.Second, func() bool { code = httpStatus(api + "/healthz"); return code != 0 })
 	t.Logf("restarted on the full disk: READY sent, /healthz %d", code)
@@ -313,8 +313,8 @@ func newMosquittoCloud(t *testing.T) (*cloud, mosquittoLog) {
 	return c, mosquittoLog(logPath)
 }
 
-// count returns how many times edged sent the notify line l.
-func (w *watchdog) count(l string) int {
+// notified returns how many times edged sent the notify line l.
+func (w *watchdog) notified(l string) int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	n := 0
