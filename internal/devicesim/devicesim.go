@@ -24,6 +24,11 @@ type Device struct {
 	RefuseStart bool
 	// NoAck makes the device ignore commands without answering.
 	NoAck bool
+	// Answer, when set, decides how the device answers each command, as
+	// misbehaving firmware would: answer false loses the command (no ack,
+	// no effect), ok false refuses it. A start or stop refused or lost
+	// changes nothing: the device keeps doing what it did.
+	Answer func(Command) (answer, ok bool)
 
 	mu       sync.Mutex
 	client   mqtt.Client
@@ -46,7 +51,8 @@ type Command struct {
 }
 
 // Connect connects the device and subscribes to its commands; it reports
-// itself idle.
+// what it is doing: idle at first, in_use when it connects again while
+// still running (a stop it lost or refused).
 func (d *Device) Connect(timeout time.Duration) error {
 	o := mqtt.NewClientOptions().AddBroker(d.Broker).SetClientID(d.ID).
 		SetUsername(d.ID).SetPassword(d.Secret).SetProtocolVersion(4).
@@ -62,14 +68,17 @@ func (d *Device) Connect(timeout time.Duration) error {
 	}
 	d.mu.Lock()
 	d.client = c
-	d.status = "idle"
+	if d.status == "" {
+		d.status = "idle"
+	}
+	status := d.status
 	d.mu.Unlock()
 	sub := c.Subscribe("devices/"+d.ID+"/commands", 1, d.handle)
 	if !sub.WaitTimeout(timeout) || sub.Error() != nil {
 		c.Disconnect(0)
 		return fmt.Errorf("%s: subscribe: %v", d.ID, sub.Error())
 	}
-	return d.Publish("state", map[string]any{"status": "idle"})
+	return d.Publish("state", map[string]any{"status": status})
 }
 
 // Disconnect closes the connection.
@@ -141,34 +150,35 @@ func (d *Device) handle(_ mqtt.Client, m mqtt.Message) {
 	d.mu.Lock()
 	d.commands = append(d.commands, c)
 	f := d.onCmd
-	noAck, refuse := d.NoAck, d.RefuseStart
+	answerFn := d.Answer
+	answer, ok := !d.NoAck, !(d.RefuseStart && c.Action == "start")
 	d.mu.Unlock()
 	if f != nil {
 		f(c)
 	}
-	if noAck {
+	if answerFn != nil && answer {
+		answer, ok = answerFn(c)
+	}
+	if !answer {
 		return
 	}
 	// Answer from a new goroutine: paho's handler must not wait on its own
 	// client's publishes.
 	go func() {
-		ok := true
-		switch c.Action {
-		case "start":
-			if refuse {
-				ok = false
-				break
+		if ok {
+			switch c.Action {
+			case "start":
+				d.run(c)
+			case "stop":
+				d.halt()
 			}
-			d.run(c)
-		case "stop":
-			d.halt()
 		}
 		ack := map[string]any{"cmd_id": c.CmdID, "ok": ok}
 		if !ok {
 			ack["error"] = "refused"
 		}
 		_ = d.Publish("commands/ack", ack)
-		if c.Action == "start" && ok || c.Action == "stop" {
+		if ok && (c.Action == "start" || c.Action == "stop") {
 			_ = d.Publish("state", map[string]any{"status": d.Status()})
 		}
 	}()
