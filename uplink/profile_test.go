@@ -79,9 +79,12 @@ func TestNewRefusesIncompleteProfile(t *testing.T) {
 	base := s.config(t, "tls://iot.example.com:8883")
 	base.KeepAlive = 60 * time.Second
 	cases := map[string]func(c *Config){
-		"unknown profile":   func(c *Config) { c.Profile = "azure" },
-		"aws without cert":  func(c *Config) { c.Profile = edged.ProfileAWS },
-		"aliyun no secret":  func(c *Config) { c.Profile = edged.ProfileAliyun; c.Aliyun = edged.AliyunConfig{ProductKey: "pk", DeviceName: "dn"} },
+		"unknown profile":  func(c *Config) { c.Profile = "azure" },
+		"aws without cert": func(c *Config) { c.Profile = edged.ProfileAWS },
+		"aliyun no secret": func(c *Config) {
+			c.Profile = edged.ProfileAliyun
+			c.Aliyun = edged.AliyunConfig{ProductKey: "pk", DeviceName: "dn"}
+		},
 		"aliyun over tcp":   func(c *Config) { c.Profile = edged.ProfileAliyun; c.URL = "tcp://x:1883"; c.Aliyun = aliyunID },
 		"aliyun keepalive":  func(c *Config) { c.Profile = edged.ProfileAliyun; c.KeepAlive = 10 * time.Second; c.Aliyun = aliyunID },
 		"aliyun keepalive+": func(c *Config) { c.Profile = edged.ProfileAliyun; c.KeepAlive = time.Hour; c.Aliyun = aliyunID },
