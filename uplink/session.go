@@ -320,7 +320,13 @@ func (s *session) retire() error {
 // room is how many more publishes may start: the window holds those
 // awaiting their PUBACK and those PUBACKed but not yet released from the
 // outbox, so a crash repeats at most a window of events.
-func (s *session) room() int { return s.u.cfg.Window - len(s.window) - s.acks.unreleased() }
+func (s *session) room() int {
+	r := s.u.cfg.Window - len(s.window) - s.acks.unreleased()
+	if c := s.u.inflightCap; c > 0 {
+		r = min(r, c-len(s.window))
+	}
+	return r
+}
 
 // pace waits for a token of the pacer (max_publish_rate), counting the
 // publishes it held back.
@@ -353,6 +359,9 @@ func (s *session) pace(ctx context.Context) error {
 // publish sends one QoS 1 message, once the pacer allows, and puts it in
 // the window. seqs are the events it carries.
 func (s *session) publish(ctx context.Context, client mqtt.Client, topic string, retained bool, payload []byte, seqs []uint64) error {
+	if err := s.waitInflight(ctx); err != nil {
+		return err
+	}
 	if err := s.pace(ctx); err != nil {
 		return err
 	}
@@ -374,6 +383,39 @@ func (s *session) publish(ctx context.Context, client mqtt.Client, topic string,
 	default:
 	}
 	return nil
+}
+
+// waitInflight holds a publish while inflightCap publishes await their
+// PUBACK (only when the rate is limited).
+func (s *session) waitInflight(ctx context.Context) error {
+	limit := s.u.inflightCap
+	if limit <= 0 {
+		return nil
+	}
+	for {
+		if err := s.retire(); err != nil {
+			return err
+		}
+		if len(s.window) < limit {
+			return nil
+		}
+		d := s.u.ackTimeout() - time.Since(s.window[0].sent)
+		if d <= 0 {
+			return fmt.Errorf("no PUBACK within %v: link stalled", s.u.ackTimeout())
+		}
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case err := <-s.lost:
+			t.Stop()
+			return err
+		case <-s.window[0].tok.Done():
+		case <-t.C:
+		}
+		t.Stop()
+	}
 }
 
 // skip releases an event that is never sent, in its place in the window's

@@ -123,6 +123,13 @@ type Uplink struct {
 	batch    int  // events per message
 	maxBytes int  // largest payload
 	pacer    *pacer
+	// inflightCap bounds publishes awaiting their PUBACK when the rate is
+	// limited (0: only the window bounds them). The cloud counts arrivals,
+	// and messages queued on the way (a stalled writer, a slow link)
+	// arrive together: in any second it sees at most the rate plus those
+	// in flight at its start. rate/9 keeps that within the clouds' limits
+	// (aws 90+10 ≤ 100, aliyun 25+2 ≤ 30).
+	inflightCap int
 
 	runMu sync.Mutex // held by Run: one Run at a time
 
@@ -205,6 +212,9 @@ func New(cfg Config) (*Uplink, error) {
 	u.batch = min(max(c.BatchEvents, 1), edged.MaxBatchEvents)
 	u.maxBytes = c.MaxMessageKB * 1024
 	u.pacer = newPacer(c.MaxPublishRate)
+	if c.MaxPublishRate > 0 {
+		u.inflightCap = max(1, c.MaxPublishRate/9)
+	}
 	if c.URL == "" {
 		u.state = StateDisabled
 		return u, nil
