@@ -162,6 +162,9 @@ const (
 	MaxMessageKBLimit = 256 * 1024
 )
 
+// AWSMaxSlashes is the most slashes AWS IoT Core allows in a topic.
+const AWSMaxSlashes = 7
+
 // TLSURL reports whether an uplink URL uses TLS (ssl, tls, mqtts, wss).
 func TLSURL(u string) bool {
 	for _, p := range []string{"ssl://", "tls://", "mqtts://", "wss://"} {
@@ -516,6 +519,14 @@ func (u *UplinkConfig) validateProfile() []FieldError {
 	}
 	switch u.Profile {
 	case ProfileAWS:
+		// AWS IoT Core takes at most 7 slashes in a topic; the longest is
+		// R/S/up/devices/D.
+		if strings.Count(u.TopicRoot, "/") > AWSMaxSlashes-4 {
+			add("uplink.topic_root", "profile aws allows at most %d slashes in a topic: at most %d in topic_root", AWSMaxSlashes, AWSMaxSlashes-4)
+		}
+		if strings.Count(u.RenterTopic, "/") > AWSMaxSlashes {
+			add("uplink.renter_topic", "profile aws allows at most %d slashes in a topic", AWSMaxSlashes)
+		}
 		if u.CertFile == "" {
 			add("uplink.cert_file", "profile aws needs a client certificate (cert_file and key_file)")
 		}

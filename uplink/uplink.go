@@ -22,6 +22,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -270,8 +271,13 @@ func New(cfg Config) (*Uplink, error) {
 			return nil, edged.Errorf(edged.EINVALID, "uplink: profile %s needs a keepalive between 30s and 1200s", c.Profile)
 		}
 	}
-	if c.Profile == edged.ProfileAWS && c.CertFile == "" {
-		return nil, edged.Errorf(edged.EINVALID, "uplink: profile aws needs a client certificate (cert_file, key_file)")
+	if c.Profile == edged.ProfileAWS {
+		if c.CertFile == "" {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: profile aws needs a client certificate (cert_file, key_file)")
+		}
+		if strings.Count(c.TopicRoot, "/") > edged.AWSMaxSlashes-4 || strings.Count(c.RenterTopic, "/") > edged.AWSMaxSlashes {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: profile aws allows at most %d slashes in a topic", edged.AWSMaxSlashes)
+		}
 	}
 	if secure {
 		if u.tls, err = tlsConfig(c); err != nil {
