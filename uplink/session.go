@@ -3,6 +3,7 @@ package uplink
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -183,6 +184,24 @@ type lostError struct{ err error }
 func (e *lostError) Error() string { return "connection lost: " + e.err.Error() }
 func (e *lostError) Unwrap() error { return e.err }
 
+// publishError is a publish that failed (paho gave up on it).
+type publishError struct{ err error }
+
+func (e *publishError) Error() string { return "publish: " + e.err.Error() }
+func (e *publishError) Unwrap() error { return e.err }
+
+// errStalled is a PUBACK overdue.
+var errStalled = errors.New("link stalled")
+
+// endedByCloud reports whether a connection ended because of the cloud or
+// the link (lost, a publish failed, a PUBACK overdue), not because edged
+// ended it (a down message it could not store, a stop).
+func endedByCloud(err error) bool {
+	var l *lostError
+	var p *publishError
+	return errors.As(err, &l) || errors.As(err, &p) || errors.Is(err, errStalled)
+}
+
 func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 	u := s.u
 	sub := client.SubscribeMultiple(map[string]byte{u.topics.downRentals: 1, u.topics.downCommands: 1}, nil)
@@ -254,7 +273,7 @@ func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 			head = s.window[0].tok.Done()
 			d := u.ackTimeout() - time.Since(s.window[0].sent)
 			if d <= 0 {
-				return fmt.Errorf("no PUBACK within %v: link stalled", u.ackTimeout())
+				return fmt.Errorf("no PUBACK within %v: %w", u.ackTimeout(), errStalled)
 			}
 			resetTimer(watchdog, d)
 		} else {
@@ -305,7 +324,7 @@ func (s *session) retire() error {
 			return nil
 		}
 		if err := f.tok.Error(); err != nil {
-			return fmt.Errorf("publish: %w", err)
+			return &publishError{err}
 		}
 		if len(f.seqs) > 0 {
 			seqs = append(seqs, f.seqs...)
@@ -378,7 +397,7 @@ func (s *session) publish(ctx context.Context, client mqtt.Client, topic string,
 	select {
 	case <-tok.Done():
 		if err := tok.Error(); err != nil {
-			return fmt.Errorf("publish: %w", err)
+			return &publishError{err}
 		}
 	default:
 	}
@@ -401,7 +420,7 @@ func (s *session) waitInflight(ctx context.Context) error {
 		}
 		d := s.u.ackTimeout() - time.Since(s.window[0].sent)
 		if d <= 0 {
-			return fmt.Errorf("no PUBACK within %v: link stalled", s.u.ackTimeout())
+			return fmt.Errorf("no PUBACK within %v: %w", s.u.ackTimeout(), errStalled)
 		}
 		t := time.NewTimer(d)
 		select {

@@ -444,7 +444,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 			u.setDisconnected()
 			return nil
 		}
-		u.judgeRefusal(s, up)
+		u.judgeRefusal(s, up, err)
 		u.setDisconnected()
 		u.setError(err)
 		if up >= stableAfter {
@@ -470,14 +470,18 @@ func (u *Uplink) Run(ctx context.Context) error {
 // judgeRefusal looks at a connection that ended. When it was up and sent
 // events but none of its messages was acknowledged, the cloud may be
 // refusing its first events message by dropping the connection (or by never
-// answering it). Then a batch is sent in halves on the next connections, to
+// answering it); a connection edged ended itself says nothing about that.
+// Then a batch is sent in halves on the next connections, to
 // single out the event; an event that still gets no PUBACK when sent alone
 // on refuseAfter connections in a row is given up (counted, logged,
 // released), so a drain can never turn into a reconnect loop.
-func (u *Uplink) judgeRefusal(s *session, up time.Duration) {
+func (u *Uplink) judgeRefusal(s *session, up time.Duration, err error) {
 	r := &u.refusal
 	if up == 0 || s.firstCount == 0 {
 		return
+	}
+	if u.pubacked == s.startPubacked && !endedByCloud(err) {
+		return // edged ended it (a store that cannot take a grant): no verdict
 	}
 	if u.pubacked != s.startPubacked {
 		if r.capEvents > 0 && u.pubacked >= r.capUntil {
