@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math"
+	"slices"
 	"time"
 )
 
@@ -215,18 +217,109 @@ func flatValue(key string, v any) (any, error) {
 			return nil, invalid("telemetry %q is not a finite number", key)
 		}
 		return f, nil
-	case string, bool:
+	case string:
+		if len(x) > MaxTelemetryString || jsonLen(x) > MaxTelemetryString {
+			return nil, invalid("telemetry %q is over %d bytes", key, MaxTelemetryString)
+		}
+		return x, nil
+	case bool:
 		return x, nil
 	default:
 		return nil, invalid("telemetry %q must be a number, string or boolean", key)
 	}
 }
 
-// MaxTelemetryKeys bounds the telemetry kept per device.
-const MaxTelemetryKeys = 64
+// State bounds (§2): what one device's latest telemetry may hold, so that
+// its state stays near 20 KiB however it is written and never nears the
+// cloud's largest message.
+const (
+	// MaxTelemetryKeys bounds the fields of a device's telemetry, merged
+	// reports included.
+	MaxTelemetryKeys = 64
+	// MaxTelemetryKey bounds a field name, in bytes.
+	MaxTelemetryKey = 64
+	// MaxTelemetryString bounds a string value, in bytes.
+	MaxTelemetryString = 256
+)
 
+// validTelemetryKey reports whether k may name a telemetry field: 1 to 64
+// printable characters without '/', '+' or '#'.
+//
+// Both bounds in bytes (names here, string values in flatValue) are also
+// applied to the value as JSON writes it: json.Marshal escapes '<', '>',
+// '&' and control characters as six bytes each, which would let 64 fields
+// of "<<<..." reach 120 KiB. Plain text is unaffected.
 func validTelemetryKey(k string) bool {
-	return k != "" && len(k) <= 64 && ValidToken(k)
+	return k != "" && len(k) <= MaxTelemetryKey && ValidToken(k) && jsonLen(k) <= MaxTelemetryKey
+}
+
+// escapedLen is the length of the compact JSON b once json.Marshal has
+// escaped it for HTML, as it does to a json.RawMessage.
+func escapedLen(b []byte) int {
+	n := len(b)
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; {
+		case c == '<' || c == '>' || c == '&':
+			n += 5 // \u003c
+		case c == 0xE2 && i+2 < len(b) && b[i+1] == 0x80 && b[i+2]&^1 == 0xA8:
+			n += 3 // U+2028, U+2029: three bytes become six
+		}
+	}
+	return n
+}
+
+// jsonLen is the length of s as json.Marshal writes it, without the quotes.
+func jsonLen(s string) int {
+	b, _ := json.Marshal(s) // a string always marshals
+	return len(b) - 2
+}
+
+// BoundTelemetry removes from m, in place, the fields that break the state
+// bounds (§2): bad names, values that are not a bounded number, string or
+// boolean, and beyond MaxTelemetryKeys fields the names that sort last. It
+// returns how many it removed. It is for telemetry restored from a store
+// written before the bounds existed; reports are refused whole instead.
+func BoundTelemetry(m map[string]any) int {
+	n := 0
+	for k, v := range m {
+		ok := validTelemetryKey(k)
+		switch x := v.(type) {
+		case string:
+			ok = ok && len(x) <= MaxTelemetryString && jsonLen(x) <= MaxTelemetryString
+		case float64:
+			ok = ok && !math.IsNaN(x) && !math.IsInf(x, 0)
+		case bool, json.Number:
+		default:
+			ok = false
+		}
+		if !ok {
+			delete(m, k)
+			n++
+		}
+	}
+	if len(m) > MaxTelemetryKeys {
+		keys := slices.Sorted(maps.Keys(m))
+		for _, k := range keys[MaxTelemetryKeys:] {
+			delete(m, k)
+			n++
+		}
+	}
+	return n
+}
+
+// CheckTelemetryMerge reports whether merging add into cur keeps the
+// telemetry within MaxTelemetryKeys fields. Errors: EINVALID.
+func CheckTelemetryMerge(cur, add map[string]any) error {
+	n := len(cur)
+	for k := range add {
+		if _, ok := cur[k]; !ok {
+			n++
+		}
+	}
+	if n > MaxTelemetryKeys {
+		return Errorf(EINVALID, "telemetry would hold %d fields, over %d", n, MaxTelemetryKeys)
+	}
+	return nil
 }
 
 // ParseState parses a devices/D/state payload.
@@ -351,6 +444,13 @@ func ParseDeviceEvent(payload []byte) (json.RawMessage, error) {
 	var buf bytes.Buffer
 	if err := json.Compact(&buf, payload); err != nil {
 		return nil, invalid("event is not JSON: %v", err)
+	}
+	// The event goes upstream as json.Marshal writes it, where '<', '>',
+	// '&', U+2028 and U+2029 take six bytes each: bound that size, so a
+	// device cannot make one event message several times MaxPayload, over
+	// the cloud's largest message.
+	if n := escapedLen(buf.Bytes()); n > MaxPayload {
+		return nil, invalid("event is %d bytes as sent upstream, over %d", n, MaxPayload)
 	}
 	return buf.Bytes(), nil
 }

@@ -82,7 +82,7 @@ func checkFlat(t *testing.T, b []byte, m map[string]any) {
 		t.Fatalf("%q: %d telemetry fields accepted", b, len(m))
 	}
 	for k, v := range m {
-		if k == "" || len(k) > 64 || !edged.ValidToken(k) {
+		if enc, _ := json.Marshal(k); k == "" || len(k) > 64 || len(enc)-2 > 64 || !edged.ValidToken(k) {
 			t.Fatalf("%q: telemetry key %q accepted", b, k)
 		}
 		switch x := v.(type) {
@@ -90,7 +90,11 @@ func checkFlat(t *testing.T, b []byte, m map[string]any) {
 			if math.IsNaN(x) || math.IsInf(x, 0) {
 				t.Fatalf("%q: telemetry %q = %v", b, k, x)
 			}
-		case string, bool:
+		case string:
+			if enc, _ := json.Marshal(x); len(x) > edged.MaxTelemetryString || len(enc)-2 > edged.MaxTelemetryString {
+				t.Fatalf("%q: telemetry %q of %d bytes (%d in JSON) accepted", b, k, len(x), len(enc)-2)
+			}
+		case bool:
 		default:
 			t.Fatalf("%q: telemetry %q has type %T", b, k, v)
 		}
@@ -140,6 +144,12 @@ func FuzzParseDeviceEvent(f *testing.F) {
 		var c bytes.Buffer
 		if err := json.Compact(&c, raw); err != nil || !bytes.Equal(c.Bytes(), raw) {
 			t.Fatalf("event %q is not compact", raw)
+		}
+		// As it goes upstream, it stays within the payload limit.
+		var esc bytes.Buffer
+		json.HTMLEscape(&esc, raw)
+		if esc.Len() > edged.MaxPayload {
+			t.Fatalf("event of %d bytes, %d once escaped, accepted", len(raw), esc.Len())
 		}
 	})
 }

@@ -5,12 +5,20 @@ import (
 	"time"
 )
 
-// Change is one atomic, durable step of the station: rentals and command
-// records to upsert and events to append. A Store commits all of it or none.
+// Change is one atomic, durable step of the station: rentals, command
+// records, result records and stop records to upsert (a Done stop record is
+// deleted) and events to append. A Store commits all of it or none.
 type Change struct {
 	Rentals  []Rental
 	Commands []CommandRecord
+	Results  []ResultRecord
+	Stops    []StopRecord
 	Events   []Event
+}
+
+// Empty reports whether c holds nothing to commit.
+func (c Change) Empty() bool {
+	return len(c.Rentals)+len(c.Commands)+len(c.Results)+len(c.Stops)+len(c.Events) == 0
 }
 
 // Store is the station's durable state. Implementations are safe for
@@ -30,10 +38,20 @@ type Store interface {
 	Rentals(ctx context.Context, limit int, states ...RentalState) ([]Rental, error)
 	// Command returns a renter command's record. Errors: ENOTFOUND.
 	Command(ctx context.Context, cmdID string) (CommandRecord, error)
+	// Result returns the result record of a rental message by its
+	// ResultKey. Errors: ENOTFOUND.
+	Result(ctx context.Context, key string) (ResultRecord, error)
+	// Stops returns every stop still to be delivered.
+	Stops(ctx context.Context) ([]StopRecord, error)
 
 	// SaveDeviceState records the latest state of a device. It may buffer:
 	// latest state is flushed in the background, not fsynced per call.
 	SaveDeviceState(s DeviceState)
+	// SaveDeviceStateNow records the latest state of a device durably
+	// before it returns, for changes a technician is told are saved
+	// (maintenance). A state saved meanwhile with a higher Version wins.
+	// Errors: EUNAVAILABLE.
+	SaveDeviceStateNow(ctx context.Context, s DeviceState) error
 	// DeviceStates returns the last saved state of every device.
 	DeviceStates(ctx context.Context) ([]DeviceState, error)
 
@@ -74,7 +92,10 @@ type Commander interface {
 
 // DeviceReporter is what device links (the local broker, the serial bus)
 // report to the station. Every method returns after what must be durable is
-// durable, so the link may acknowledge the device afterwards.
+// durable, so the link may acknowledge the device afterwards. While the
+// store cannot write (§4), DeviceEvent returns an EUNAVAILABLE error (do
+// not acknowledge); the others return nil once what they decided is
+// enforced, their records waiting in memory for the store.
 type DeviceReporter interface {
 	DeviceOnline(ctx context.Context, deviceID string, online bool) error
 	DeviceState(ctx context.Context, deviceID string, r StateReport) error
@@ -90,7 +111,10 @@ type CloudHandler interface {
 	// Rental applies a message of R/S/down/rentals. It returns nil once the
 	// message and its result are durable, so the uplink may acknowledge it;
 	// a refused message is not an error (its refusal is a rental.result
-	// event). An error means nothing was stored: do not acknowledge.
+	// event). An error means the message is not durable: do not
+	// acknowledge. (When the store cannot write, its answer waits in
+	// memory and is written once the store can; a redelivery is answered
+	// the same.)
 	Rental(ctx context.Context, payload []byte) error
 	// RenterCommand applies a message of R/S/down/commands, with the same
 	// acknowledgement rule as Rental.

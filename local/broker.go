@@ -86,6 +86,12 @@ const (
 	maxPendingCommands = 16
 	// pendingCommandTTL is how long such a command stays deliverable.
 	pendingCommandTTL = 10 * time.Second
+	// At most authLogBurst refused logins of configured devices, and as
+	// many of unknown ids, are logged per authLogWindow; one line at the
+	// window's end counts the rest, so a flood of bad CONNECTs cannot fill
+	// the journal.
+	authLogWindow = 10 * time.Second
+	authLogBurst  = 10
 )
 
 // Config configures a Broker.
@@ -156,6 +162,9 @@ type Broker struct {
 
 	warnMu   sync.Mutex
 	lastWarn map[string]time.Time
+	// authLog bounds the lines of refused logins; inputLog, each device's
+	// lines of bad input (§2: once per device per minute).
+	authLog, inputLog *logGate
 }
 
 // device is the broker's record of one configured MQTT device.
@@ -252,6 +261,8 @@ func New(cfg Config) (*Broker, error) {
 		ctx:      ctx,
 		cancel:   cancel,
 		lastWarn: make(map[string]time.Time),
+		authLog:  newLogGate(log, authLogWindow, authLogBurst, "device refusals not logged"),
+		inputLog: newLogGate(log, time.Minute, 1, ""),
 	}
 	b.srv = mqtt.New(&mqtt.Options{
 		Capabilities:           caps,
@@ -391,6 +402,8 @@ func (b *Broker) Close() error {
 		}
 		b.cancel()
 	})
+	b.authLog.close()
+	b.inputLog.close()
 	return nil
 }
 
@@ -480,6 +493,20 @@ func (b *Broker) flushPending(d *device) {
 		}
 	}
 	d.pending = nil
+}
+
+// inputWarn logs a device's bad input at most once a minute per device
+// (§2), with how many lines were held back since the last.
+func (b *Broker) inputWarn(id, msg string, args ...any) {
+	ok, held := b.inputLog.allow(id)
+	if !ok {
+		return
+	}
+	args = append([]any{"device", id}, args...)
+	if held > 0 {
+		args = append(args, "not_logged", held)
+	}
+	b.log.Warn(msg, args...)
 }
 
 // warn logs at Warn at most once a second per kind, else at Debug, so a

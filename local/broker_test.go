@@ -355,8 +355,9 @@ func TestIngest(t *testing.T) {
 func TestMaxPacketCloses(t *testing.T) {
 	e := start(t, func(c *Config) { c.MaxPacketKB = 16 })
 	c3 := connectV3(t, e.addr, "dev-a", secretA)
-	// 8 KiB is fine (and not bad input); 32 KiB is over the packet limit.
-	if err := c3.publish(t, "devices/dev-a/telemetry", 1, []byte(`{"x":"`+strings.Repeat("a", 8<<10)+`"}`)); err != nil {
+	// 8 KiB is fine (and not bad input: 40 strings within the state
+	// bounds); 32 KiB is over the packet limit.
+	if err := c3.publish(t, "devices/dev-a/telemetry", 1, telemetryJSON("x", 40, strings.Repeat("a", 200))); err != nil {
 		t.Fatal(err)
 	}
 	c3.c.Publish("devices/dev-a/telemetry", 1, false, []byte(`{"x":"`+strings.Repeat("a", 32<<10)+`"}`))

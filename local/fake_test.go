@@ -18,11 +18,35 @@ type call struct {
 }
 
 // fakeReporter records what the broker reports. eventHook, when set, runs
-// inside DeviceEvent before it records; its error is returned.
+// inside DeviceEvent before it records; its error is returned. Like the
+// station, it keeps each device's telemetry and refuses (EINVALID) a
+// report that would take it over the state bounds.
 type fakeReporter struct {
 	mu        sync.Mutex
 	calls     []call
 	eventHook func(ctx context.Context) error
+	telemetry map[string]map[string]any
+}
+
+// merge applies the station's merge rule to the device's telemetry.
+func (f *fakeReporter) merge(id string, t map[string]any) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.telemetry == nil {
+		f.telemetry = map[string]map[string]any{}
+	}
+	cur := f.telemetry[id]
+	if cur == nil {
+		cur = map[string]any{}
+		f.telemetry[id] = cur
+	}
+	if err := edged.CheckTelemetryMerge(cur, t); err != nil {
+		return err
+	}
+	for k, v := range t {
+		cur[k] = v
+	}
+	return nil
 }
 
 func (f *fakeReporter) record(c call) {
@@ -37,11 +61,17 @@ func (f *fakeReporter) DeviceOnline(ctx context.Context, id string, online bool)
 }
 
 func (f *fakeReporter) DeviceState(ctx context.Context, id string, r edged.StateReport) error {
+	if err := f.merge(id, r.Extra); err != nil {
+		return err
+	}
 	f.record(call{"state", id, r})
 	return nil
 }
 
 func (f *fakeReporter) DeviceTelemetry(ctx context.Context, id string, t map[string]any) error {
+	if err := f.merge(id, t); err != nil {
+		return err
+	}
 	f.record(call{"telemetry", id, t})
 	return nil
 }

@@ -91,8 +91,16 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	if !busy {
 		b.authFailures.Add(1)
 	}
-	b.warn("auth", "device refused", "device", clip(string(pk.Connect.Username)),
-		"client_id", clip(pk.Connect.ClientIdentifier), "remote", cl.Net.Remote, "reason", err.Error())
+	// Refusals of configured devices and of made-up ids are limited
+	// apart, so a flood of made-up ids cannot hide a real device's.
+	kind := "unknown"
+	if _, known := b.devices[string(pk.Connect.Username)]; known {
+		kind = "known"
+	}
+	if ok, _ := b.authLog.allow(kind, "ids", kind); ok {
+		b.log.Warn("device refused", "device", printable(string(pk.Connect.Username)),
+			"client_id", printable(pk.Connect.ClientIdentifier), "remote", cl.Net.Remote, "reason", err.Error())
+	}
 	_ = b.srv.SendConnack(cl, code, false, nil)
 	return code
 }
@@ -160,7 +168,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	rep, err := parse(kind, pk.Payload)
 	if err != nil {
 		b.badInput.Add(1)
-		b.warn("input", "bad device message", "device", cl.ID, "topic", pk.TopicName, "err", err)
+		b.inputWarn(cl.ID, "bad device message", "topic", pk.TopicName, "err", err)
 		return pk, refusal(v5, qos, packets.ErrPayloadFormatInvalid)
 	}
 	ctx, cancel := context.WithTimeout(b.ctx, reportTimeout)
@@ -169,7 +177,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if err != nil {
 		if edged.ErrorCode(err) == edged.EINVALID {
 			b.badInput.Add(1)
-			b.warn("input", "device message refused by station", "device", cl.ID, "topic", pk.TopicName, "err", err)
+			b.inputWarn(cl.ID, "device message refused by station", "topic", pk.TopicName, "err", err)
 			return pk, refusal(v5, qos, packets.ErrPayloadFormatInvalid)
 		}
 		return pk, b.reportFailed(cl, pk, err)

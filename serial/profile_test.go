@@ -2,6 +2,8 @@ package serial
 
 import (
 	"encoding/json"
+	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -49,6 +51,21 @@ func TestCheckProfile(t *testing.T) {
 			[]edged.FieldError{{Path: "telemetry[1].name", Message: `"status" is reserved for the device state`}}},
 		{"telemetry bad name", func(p *edged.Profile) { p.Telemetry[1].Name = "temp c" },
 			[]edged.FieldError{{Path: "telemetry[1].name", Message: `"temp c" is not a telemetry name ([A-Za-z0-9_-]{1,64})`}}},
+		{"telemetry name of 65 characters", func(p *edged.Profile) { p.Telemetry[1].Name = strings.Repeat("t", 65) },
+			[]edged.FieldError{{Path: "telemetry[1].name", Message: fmt.Sprintf("%q is not a telemetry name ([A-Za-z0-9_-]{1,64})", strings.Repeat("t", 65))}}},
+		{"64 telemetry values", func(p *edged.Profile) {
+			p.Telemetry = nil
+			for i := 0; i < 64; i++ {
+				p.Telemetry = append(p.Telemetry, edged.TelemetryRegister{Name: fmt.Sprint("v", i), Table: "input", Address: i})
+			}
+		}, nil},
+		{"65 telemetry values: over the state bounds", func(p *edged.Profile) {
+			p.Telemetry = nil
+			for i := 0; i < 65; i++ {
+				p.Telemetry = append(p.Telemetry, edged.TelemetryRegister{Name: fmt.Sprint("v", i), Table: "input", Address: i})
+			}
+		},
+			[]edged.FieldError{{Path: "telemetry", Message: "at most 64 values"}}},
 		{"signed bit", func(p *edged.Profile) { p.Telemetry[0].Table, p.Telemetry[0].Signed = "discrete", true },
 			[]edged.FieldError{{Path: "telemetry[0].signed", Message: "a discrete is a bit, it has no sign"}}},
 		{"command read-only table", func(p *edged.Profile) { c := p.Commands["stop"]; c.Table = "input"; p.Commands["stop"] = c },

@@ -40,11 +40,11 @@ func Stopping() error {
 
 // Watchdog pings WATCHDOG=1 at half the unit's WatchdogSec interval for as
 // long as healthy returns nil, and returns when ctx ends. healthy is called
-// once per interval from Watchdog's goroutine; it should check that the main
-// loop makes progress (for example that the store answers and the broker
-// serves). While it returns an error, or blocks, no ping is sent, so systemd
-// kills and restarts edged once WatchdogSec passes without one; a transient
-// failure that clears before then does no harm.
+// once per interval from Watchdog's goroutine; it should check only that
+// the main loops make progress, not conditions a restart cannot cure (a
+// full disk): while it returns an error, or blocks, no ping is sent, so
+// systemd kills and restarts edged once WatchdogSec passes without one; a
+// transient failure that clears before then does no harm.
 //
 // When no watchdog is configured for this process (WATCHDOG_USEC unset, or
 // WATCHDOG_PID names another process) Watchdog returns at once, so a caller

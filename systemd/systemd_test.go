@@ -86,12 +86,14 @@ func TestWatchdogPingsOnlyWhileHealthy(t *testing.T) {
 	t.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
 
 	var sick atomic.Bool
+	var sickChecks atomic.Int64 // checks that saw the process sick
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		Watchdog(ctx, func() error {
 			if sick.Load() {
+				sickChecks.Add(1)
 				return errors.New("main loop stuck")
 			}
 			return nil
@@ -104,14 +106,35 @@ func TestWatchdogPingsOnlyWhileHealthy(t *testing.T) {
 		}
 	}
 
+	// Once a check has seen the process sick, a ping decided before it
+	// is already in the socket (the loop checks, pings, then waits):
+	// drain it. Then five more sick checks must send nothing.
 	sick.Store(true)
-	// Drain a ping that may already be on its way, then expect silence for
-	// many intervals.
-	conn.SetReadDeadline(time.Now().Add(30 * time.Millisecond))
-	conn.Read(make([]byte, 64))
-	conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-	if n, err := conn.Read(make([]byte, 64)); err == nil {
-		t.Fatalf("got a ping (%d bytes) while unhealthy, want none", n)
+	waitChecks := func(n int64) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for sickChecks.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("only %d sick checks, want %d", sickChecks.Load(), n)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	waitChecks(1)
+	pending := func() int {
+		n := 0
+		for {
+			conn.SetReadDeadline(time.Now().Add(time.Millisecond))
+			if _, err := conn.Read(make([]byte, 64)); err != nil {
+				return n
+			}
+			n++
+		}
+	}
+	pending()
+	waitChecks(sickChecks.Load() + 5)
+	if n := pending(); n > 0 {
+		t.Fatalf("got %d pings while unhealthy, want none", n)
 	}
 
 	sick.Store(false)

@@ -204,18 +204,21 @@ type fakeStates struct {
 	states  map[string]edged.DeviceState
 	changed chan struct{}
 	tick    time.Time
+	version uint64
 }
 
 func newFakeStates() *fakeStates {
 	return &fakeStates{states: map[string]edged.DeviceState{}, changed: make(chan struct{}, 1), tick: time.Unix(1700000000, 0)}
 }
 
-// Set replaces a device's state, stamping a new UpdatedAt and Version.
+// Set replaces a device's state, stamping a new UpdatedAt and Version
+// (the uplink coalesces by Version).
 func (f *fakeStates) Set(st edged.DeviceState) edged.DeviceState {
 	f.mu.Lock()
 	f.tick = f.tick.Add(time.Millisecond)
 	st.UpdatedAt = f.tick
-	st.Version = f.states[st.DeviceID].Version + 1 // as the station does, per change
+	f.version++
+	st.Version = f.version
 	if st.Kind == "" {
 		st.Kind = "chair"
 	}

@@ -185,8 +185,8 @@ func TestCloudRentalsOverMosquitto(t *testing.T) {
 		return len(c) > 0 && c[len(c)-1].Action == "stop"
 	})
 	cs := other.Commands()
-	if ran := cs[len(cs)-1].At.Sub(cs[0].At); ran < 2*time.Second || ran > 4*time.Second { // 2 s granted; slack for a loaded CI machine
-		t.Fatalf("chair-2 ran %v between start and stop, want 2 s (at most 4)", ran)
+	if ran := cs[len(cs)-1].At.Sub(cs[0].At); ran < 2*time.Second || ran > 2*time.Second+5*time.Second { // 2 s granted; §4 allows 5 s more
+		t.Fatalf("chair-2 ran %v between start and stop, want 2 s (at most 7)", ran)
 	}
 	if len(cc.eventsOf(edged.EventRentalEnded)) != 0 {
 		t.Fatal("rental.ended reached the cloud through a cut link")

@@ -222,7 +222,9 @@ devices:
 	const duration = 10 * time.Second
 	cc.publish(t, "stations/mall-1/down/rentals", map[string]any{
 		"op": "grant", "rental_id": "r-crash", "device_id": "chair-1", "renter_id": "alice", "duration_s": int(duration / time.Second)})
-	_, startedAt := cc.wait(t, edged.EventRentalStarted, 10*time.Second)
+	started, _ := cc.wait(t, edged.EventRentalStarted, 10*time.Second)
+	var sd edged.RentalStartedData
+	json.Unmarshal(started.Data, &sd)
 
 	time.Sleep(4 * time.Second)
 	d.cmd.Process.Signal(syscall.SIGKILL)
@@ -236,16 +238,19 @@ devices:
 		t.Fatal(err)
 	}
 	defer chair2.Disconnect()
-	ended, endedAt := cc.wait(t, edged.EventRentalEnded, 20*time.Second)
+	ended, _ := cc.wait(t, edged.EventRentalEnded, 20*time.Second)
 	var ed edged.RentalEndedData
 	json.Unmarshal(ended.Data, &ed)
 	if ed.Reason != edged.ReasonExpired || ed.RentalID != "r-crash" {
 		t.Fatalf("rental.ended = %+v", ed)
 	}
-	if over := endedAt.Sub(startedAt) - duration; over > 5*time.Second {
+	// The station's own times (its clock is synced, so the downtime is
+	// measured and charged), not when the events reached the cloud: their
+	// delivery after a restart says nothing about when the rental ended.
+	if over := ed.EndedAt.Sub(sd.StartedAt) - duration; over > 5*time.Second {
 		t.Fatalf("rental ended %v after its granted duration, want at most 5 s", over)
 	} else {
-		t.Logf("rental ended %v after its granted duration (includes event delivery)", over.Round(time.Millisecond))
+		t.Logf("rental ended %v after its granted duration", over.Round(time.Millisecond))
 	}
 	// The device heard start again after the restart with the time left,
 	// then stop.

@@ -40,9 +40,10 @@ type Main struct {
 	Uplink    *uplink.Uplink
 	HTTP      *web.Server
 
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	closed sync.Once
+	cancel  context.CancelFunc
+	loopsAt time.Time // when the rental loop was started
+	wg      sync.WaitGroup
+	closed  sync.Once
 }
 
 // NewMain returns a daemon for cfg.
@@ -140,6 +141,7 @@ func (m *Main) Run(ctx context.Context) error {
 	if err := broker.Start(runCtx); err != nil {
 		return fmt.Errorf("local broker: %w", err)
 	}
+	m.loopsAt = time.Now()
 	m.goRun(runCtx, "rentals", st.Run)
 
 	up, err := uplink.New(uplink.Config{
@@ -185,7 +187,7 @@ func (m *Main) Run(ctx context.Context) error {
 		m.HTTP = srv
 	}
 	m.goRun(runCtx, "systemd", func(ctx context.Context) error {
-		systemd.Watchdog(ctx, m.Healthy)
+		systemd.Watchdog(ctx, m.Alive)
 		return nil
 	})
 	m.goRun(runCtx, "status", m.reportStatus)
@@ -200,7 +202,8 @@ func (m *Main) Run(ctx context.Context) error {
 }
 
 // stuckAfter is how long the rental loop may go without a pass before
-// edged reports itself unhealthy (it passes at least once a second).
+// edged reports itself unhealthy and stops the watchdog pings (it passes
+// at least once a second).
 const stuckAfter = 15 * time.Second
 
 // goRun runs fn in a goroutine Close waits for.
@@ -214,20 +217,74 @@ func (m *Main) goRun(ctx context.Context, name string, fn func(context.Context) 
 	}()
 }
 
-// Healthy is nil while the store is writable, the broker is serving and
-// the rental loop is turning: what /healthz and the systemd watchdog check.
+// Healthy is what /healthz answers (§7): nil while the store is writable,
+// the broker is serving and the rental loop is turning.
 func (m *Main) Healthy() error {
+	return m.health().ready()
+}
+
+// Alive is what the systemd watchdog checks: nil while the rental loop is
+// turning and the broker is serving. It does not ask the store: a full
+// disk is survived (§4), and a restart would not free space, so only a
+// hung process stops the pings.
+func (m *Main) Alive() error {
+	return m.health().alive()
+}
+
+// health gathers what the two checks look at.
+func (m *Main) health() health {
+	h := health{now: time.Now(), startedAt: m.loopsAt}
 	if m.Store == nil || m.Broker == nil || m.Station == nil {
+		h.starting = true
+		return h
+	}
+	h.lastTick = m.Station.LastTick()
+	h.store = m.Store.Healthy()
+	if n := m.Station.Unrecorded(); n > 0 && h.store == nil {
+		// The store may answer again while the station still holds
+		// records it could not write: not healthy until they are down.
+		h.store = fmt.Errorf("%d records waiting to be written", n)
+	}
+	h.serving = m.Broker.Serving()
+	return h
+}
+
+// health is the daemon's state at one moment, for Healthy and Alive.
+type health struct {
+	starting  bool      // the pieces are not all built yet
+	now       time.Time // when it was taken
+	startedAt time.Time // when the rental loop was started
+	lastTick  time.Time // the rental loop's last pass; zero before the first
+	store     error     // the store's health: nil while it can write
+	serving   bool      // the local broker accepts devices
+}
+
+// alive decides the watchdog ping: the loops turn. A rental loop that has
+// not passed since startedAt for stuckAfter counts as stuck too.
+func (h health) alive() error {
+	if h.starting {
 		return errors.New("starting")
 	}
-	if t := m.Station.LastTick(); !t.IsZero() && time.Since(t) > stuckAfter {
-		return fmt.Errorf("rental loop stuck since %s", t.UTC().Format(time.RFC3339))
+	last := h.lastTick
+	if last.IsZero() {
+		last = h.startedAt
 	}
-	if err := m.Store.Healthy(); err != nil {
-		return fmt.Errorf("store: %w", err)
+	if !last.IsZero() && h.now.Sub(last) > stuckAfter {
+		return fmt.Errorf("rental loop stuck since %s", last.UTC().Format(time.RFC3339))
 	}
-	if !m.Broker.Serving() {
+	if !h.serving {
 		return errors.New("local broker is not serving")
+	}
+	return nil
+}
+
+// ready decides /healthz: alive, and the store can write.
+func (h health) ready() error {
+	if err := h.alive(); err != nil {
+		return err
+	}
+	if h.store != nil {
+		return fmt.Errorf("store: %w", h.store)
 	}
 	return nil
 }

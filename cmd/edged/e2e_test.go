@@ -152,8 +152,10 @@ func TestOfflineRentalWithRealDevices(t *testing.T) {
 	if data["reason"] != "expired" || data["used_s"] != 3.0 {
 		t.Fatalf("rental.ended = %v", data)
 	}
-	if d := time.Since(granted); d < 3*time.Second || d > 5*time.Second {
-		t.Fatalf("rental ended %v after the grant, want about 3 s", d)
+	// At least its 3 s; at most 5 s past them (§4), however loaded the
+	// machine that runs the test.
+	if d := time.Since(granted); d < 3*time.Second || d > 3*time.Second+5*time.Second {
+		t.Fatalf("rental ended %v after the grant, want 3 s and at most 5 s more", d)
 	}
 	waitFor(t, "stop at the device", func() bool {
 		c := chair.Commands()

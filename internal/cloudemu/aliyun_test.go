@@ -226,3 +226,38 @@ func TestAliyunSecondConnectionTakesOver(t *testing.T) {
 		t.Errorf("connects %d, want 2", n)
 	}
 }
+
+// The session belongs to the device, not to the client id (which changes
+// with the timestamp at every connect): a message sent while the station
+// was away arrives after it logs in again.
+func TestAliyunKeepsSessionOfDeviceAcrossLogins(t *testing.T) {
+	c := startAliyun(t)
+	got := make(chan string, 4)
+	session := func(o *mqtt.ClientOptions) {
+		o.SetCleanSession(false).SetDefaultPublishHandler(func(_ mqtt.Client, m mqtt.Message) { got <- string(m.Payload()) })
+	}
+	first := mustDial(t, c, "a1pk.st01", session)
+	if tok := first.Subscribe("/a1pk/st01/user/rentals", 1, nil); !tok.WaitTimeout(wait) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	if n := c.Kick(); n != 1 {
+		t.Fatalf("kicked %d", n)
+	}
+	first.waitLost(t)
+	if err := c.Publish("/a1pk/st01/user/rentals", []byte("grant-1")); err != nil {
+		t.Fatal(err)
+	}
+	mustDial(t, c, "a1pk.st01", session)
+	select {
+	case m := <-got:
+		if m != "grant-1" {
+			t.Errorf("got %q", m)
+		}
+	case <-time.After(wait):
+		t.Fatal("the message sent while away did not arrive")
+	}
+	if ids := c.ClientIDs(); len(ids) != 2 {
+		t.Errorf("client ids %q", ids)
+	}
+	wantViolations(t, c, map[string]int{})
+}

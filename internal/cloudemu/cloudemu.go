@@ -23,13 +23,19 @@
 //     breaks the rule: the connection is closed at once, the PUBLISH is
 //     neither acknowledged nor delivered, and a will (aws, generic) is sent
 //     as for any lost link.
-//   - "subscribe" (aliyun: a filter outside /PK/DN/user/...; aws: a filter
-//     with more than 7 slashes, counted as "slashes"): the connection is
-//     closed, not answered with a SUBACK failure, so that a wrong
+//   - "subscribe" (aliyun: a filter outside /PK/DN/user/...; aws: more than
+//     8 filters in one SUBSCRIBE or 50 subscriptions on a connection; a
+//     filter with more than 7 slashes counts as "slashes"): the connection
+//     is closed, not answered with a SUBACK failure, so that a wrong
 //     subscription cannot go unnoticed.
 //
 // Each violation is counted exactly once and logged once at warn level;
 // the connection it closed reads nothing more.
+//
+// Not emulated: AWS's 512 KiB/s per connection (the service delays, it
+// does not disconnect), its one CONNECT per second per client id, and
+// aliyun's /sys topics. Stats reports the peak bytes per second so a
+// benchmark can show the first.
 package cloudemu
 
 import (
@@ -82,6 +88,8 @@ const (
 	AWSMaxPublishRate     = 100
 	AWSMaxMessageBytes    = 128 * 1024
 	AWSMaxSlashes         = 7
+	AWSMaxFiltersPerSub   = 8  // topic filters in one SUBSCRIBE
+	AWSMaxSubscriptions   = 50 // subscriptions of one connection
 	AliyunMaxPublishRate  = 30
 	AliyunMaxMessageBytes = 256 * 1024
 	AliyunMinKeepalive    = 30
@@ -106,7 +114,10 @@ type Options struct {
 
 	// MaxPublishRate is the most PUBLISH packets one connection may send
 	// in any 1 s window; 0 means the cloud's limit (aws 100, aliyun 30,
-	// generic none), a negative value means none.
+	// generic none), a negative value means none. The window is measured
+	// as the emulator reads each PUBLISH, so delays on the way can only
+	// bunch publishes up: a sender ticking at exactly N/s is seen at N+1
+	// in some window, which is why the profiles pace below the limit.
 	MaxPublishRate int
 	// MaxMessageBytes is the largest PUBLISH payload; 0 means the cloud's
 	// limit (aws 128 KiB, aliyun 256 KiB, generic none), negative none.
@@ -170,6 +181,8 @@ type rules struct {
 	noRetain        bool
 	maxQoS          byte
 	maxSlashes      int // 0: no limit
+	maxFilters      int // per SUBSCRIBE; 0: no limit
+	maxSubs         int // per connection; 0: no limit
 	rate            int // 0: no limit
 	size            int // 0: no limit
 }
@@ -181,6 +194,7 @@ func rulesFor(o Options) (rules, error) {
 		r = rules{maxQoS: 2}
 	case AWS:
 		r = rules{tls: true, clientCert: true, maxQoS: 1, maxSlashes: AWSMaxSlashes,
+			maxFilters: AWSMaxFiltersPerSub, maxSubs: AWSMaxSubscriptions,
 			rate: AWSMaxPublishRate, size: AWSMaxMessageBytes}
 	case Aliyun:
 		if o.ProductKey == "" || o.DeviceName == "" || o.DeviceSecret == "" {
@@ -273,6 +287,9 @@ func Start(o Options) (*Cloud, error) {
 // URL is the address a station dials: tls://127.0.0.1:PORT for aws and
 // aliyun, tcp://127.0.0.1:PORT for generic.
 func (c *Cloud) URL() string { return c.url }
+
+// Addr is the host:port the emulator listens on (for a proxy in front).
+func (c *Cloud) Addr() string { return c.ln.Addr().String() }
 
 // CAFile is the PEM file of the CA that signed the server certificate (a
 // station's uplink.ca_file); "" for generic.
@@ -413,6 +430,23 @@ func (c *Cloud) Retained(topic string) ([]byte, bool) {
 	return nil, false
 }
 
+// Kick closes every client connection as a lost link would, without
+// counting a violation: wills are sent and persistent sessions kept. It
+// returns how many connections it closed.
+func (c *Cloud) Kick() int {
+	n := 0
+	for _, cl := range c.srv.Clients.GetAll() {
+		if cl.Net.Inline || cl.Closed() {
+			continue
+		}
+		cl.Stop(errKicked)
+		n++
+	}
+	return n
+}
+
+var errKicked = errors.New("kicked by the cloud")
+
 // Close stops the emulator and closes every connection (without wills).
 func (c *Cloud) Close() error {
 	c.closeOnce.Do(func() {
@@ -538,7 +572,7 @@ func (h *hook) OnPacketRead(cl *mochi.Client, pk packets.Packet) (packets.Packet
 	case packets.Publish:
 		rule, detail = h.checkPublish(cl, pk)
 	case packets.Subscribe:
-		rule, detail = h.checkSubscribe(pk)
+		rule, detail = h.checkSubscribe(cl, pk)
 	}
 	if rule == "" {
 		return pk, nil
@@ -582,8 +616,22 @@ func (h *hook) checkPublish(cl *mochi.Client, pk packets.Packet) (string, string
 	return "", ""
 }
 
-func (h *hook) checkSubscribe(pk packets.Packet) (string, string) {
+func (h *hook) checkSubscribe(cl *mochi.Client, pk packets.Packet) (string, string) {
 	c, r := h.c, h.c.rules
+	if r.maxFilters > 0 && len(pk.Filters) > r.maxFilters {
+		return RuleSubscribe, fmt.Sprintf("%d filters in one subscribe, limit %d", len(pk.Filters), r.maxFilters)
+	}
+	if r.maxSubs > 0 {
+		n := cl.State.Subscriptions.Len()
+		for _, f := range pk.Filters {
+			if _, ok := cl.State.Subscriptions.Get(f.Filter); !ok {
+				n++
+			}
+		}
+		if n > r.maxSubs {
+			return RuleSubscribe, fmt.Sprintf("%d subscriptions, limit %d", n, r.maxSubs)
+		}
+	}
 	for _, f := range pk.Filters {
 		if r.aliyun && !aliyunTopicOK(c.o.ProductKey, c.o.DeviceName, f.Filter, true) {
 			return RuleSubscribe, "subscribe to " + f.Filter

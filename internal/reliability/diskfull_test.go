@@ -3,6 +3,7 @@ package reliability
 import (
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -76,13 +77,14 @@ func (ns *mountNS) fill(t *testing.T) {
 func (ns *mountNS) free(t *testing.T) { ns.run(t, "rm -f "+ns.dir+"/fill") }
 
 // watchdog listens on a NOTIFY_SOCKET and records when edged last said
-// WATCHDOG=1: edged pings only while its store is writable and its
-// broker serves (what /healthz reports).
+// WATCHDOG=1: edged pings while its loops turn, a full disk included
+// (§4: the watchdog catches a hung process, not a full disk).
 type watchdog struct {
-	conn *net.UnixConn
-	mu   sync.Mutex
-	last time.Time
-	all  []string
+	conn  *net.UnixConn
+	mu    sync.Mutex
+	last  time.Time
+	pings int
+	all   []string
 }
 
 func newWatchdog(t *testing.T) (*watchdog, []string) {
@@ -104,6 +106,7 @@ func newWatchdog(t *testing.T) (*watchdog, []string) {
 			for _, l := range strings.Split(string(buf[:n]), "\n") {
 				if l == "WATCHDOG=1" {
 					w.last = time.Now()
+					w.pings++
 				} else if l != "" {
 					w.all = append(w.all, l)
 				}
@@ -122,6 +125,25 @@ func (w *watchdog) healthy() bool {
 	return time.Since(w.last) < 1500*time.Millisecond
 }
 
+// count returns how many pings edged has sent.
+func (w *watchdog) count() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.pings
+}
+
+// healthz returns the status code of GET /healthz at addr, 0 when it
+// cannot be reached.
+func healthz(addr string) int {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + addr + "/healthz")
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
 func waitFor(t *testing.T, what string, max time.Duration, cond func() bool) time.Duration {
 	t.Helper()
 	start := time.Now()
@@ -137,7 +159,8 @@ func waitFor(t *testing.T, what string, max time.Duration, cond func() bool) tim
 
 // TestDiskFull puts edged's data directory on a 4 MiB tmpfs in a private
 // mount namespace and fills it during a rental: edged stays up, says it is
-// unhealthy (no watchdog ping, which is /healthz's check), refuses to
+// unhealthy on /healthz while the watchdog pings go on (a restart would
+// not free space), refuses to
 // acknowledge what it cannot store (device events get no PUBACK, so the
 // device keeps them), acknowledges nothing it then loses, and recovers by
 // itself once space returns; it also starts on a full disk.
@@ -148,13 +171,16 @@ func TestDiskFull(t *testing.T) {
 	ns := newMountNS(t, data, "4m")
 	cl := newCloud(t)
 	local := freeAddr(t)
-	cfg := writeConfig(t, stationConfig{Dir: dir, Local: local, Cloud: cl.Addr, Devices: []string{"chair-1", "chair-2"}})
+	web := freeAddr(t)
+	cfg := writeConfig(t, stationConfig{Dir: dir, Local: local, Cloud: cl.Addr, Devices: []string{"chair-1", "chair-2"},
+		Extra: fmt.Sprintf("http: {listen: %q}\n", web)})
 	logPath := filepath.Join(dir, "edged.log")
 	dumpLog(t, logPath)
 	wd, env := newWatchdog(t)
 	argv := []string{"nsenter", "-t", fmt.Sprint(ns.pid), "-m", "--", bin, "-config", cfg}
 	d := startDaemon(t, argv, local, logPath, env...)
 	waitFor(t, "first watchdog ping", 5*time.Second, wd.healthy)
+	waitFor(t, "/healthz ok", 5*time.Second, func() bool { return healthz(web) == http.StatusOK })
 
 	chair := &devicesim.Device{ID: "chair-1", Secret: testSecret, Broker: "tcp://" + local}
 	if err := chair.Connect(5 * time.Second); err != nil {
@@ -185,8 +211,12 @@ func TestDiskFull(t *testing.T) {
 			}
 		}
 	}
-	saysSo := waitFor(t, "watchdog pings stop on a full disk", 10*time.Second, func() bool { return !wd.healthy() })
+	saysSo := waitFor(t, "/healthz 503 on a full disk", 10*time.Second, func() bool { return healthz(web) == http.StatusServiceUnavailable })
 	t.Logf("disk full: %d device events refused (no PUBACK), %d acknowledged; unhealthy reported after %v", refused, len(ackedWhileFull), saysSo.Round(100*time.Millisecond))
+	// The watchdog is not starved: pings go on once the store is known
+	// unwritable.
+	pings := wd.count()
+	waitFor(t, "watchdog pings on a full disk", 10*time.Second, func() bool { return wd.count() >= pings+2 })
 
 	// Enforcement: the rental's stop reaches the device at its end even
 	// though rental.ended cannot be stored yet.
@@ -207,7 +237,7 @@ func TestDiskFull(t *testing.T) {
 
 	// Space returns: edged recovers by itself.
 	ns.free(t)
-	back := waitFor(t, "healthy again once space returns", 20*time.Second, wd.healthy)
+	back := waitFor(t, "healthy again once space returns", 20*time.Second, func() bool { return healthz(web) == http.StatusOK })
 	t.Logf("recovered %v after space returned", back.Round(100*time.Millisecond))
 	if err := other.Publish("events", map[string]any{"type": "tick", "id": "after"}); err != nil {
 		t.Fatalf("device event after recovery: %v", err)
