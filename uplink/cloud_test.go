@@ -242,6 +242,14 @@ func TestAliyunRental(t *testing.T) {
 	if renter.DeviceID != "chair-1" || renter.Rental == nil || renter.Rental.RenterID != "alice" {
 		t.Errorf("renter state %+v", renter)
 	}
+	// The rental ends: the final state goes to the renter topic once.
+	s.states.Set(edged.DeviceState{DeviceID: "chair-1", Status: edged.StatusIdle})
+	waitFor(t, 10*time.Second, "final renter state", func() bool { return len(rec.messages(aliyunUp+"renter")) == 2 })
+	var final edged.DeviceState
+	json.Unmarshal(rec.messages(aliyunUp + "renter")[1].payload, &final)
+	if final.DeviceID != "chair-1" || final.Rental != nil {
+		t.Errorf("final renter state %+v", final)
+	}
 	if _, ok := c.Retained(aliyunUp + "gateway"); ok {
 		t.Error("aliyun holds a retained message")
 	}

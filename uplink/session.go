@@ -700,26 +700,23 @@ func (s *session) publishStateBatch(ctx context.Context, client mqtt.Client) err
 }
 
 // publishRenter sends live state to the renter of a rented device
-// (uplink.renter_topic; aliyun's renter topic, routed by the rules engine).
-// It is never queued: only the newest state, only while connected. When a
-// rental ends, the renter it ended for gets the final state (rental null)
-// once, so their app sees the end; aliyun's topic is routed by the state's
-// rental.renter_id, which the final state no longer has, so there it is
-// not sent.
+// (uplink.renter_topic; in aliyun the fixed renter topic, which the rules
+// engine routes by rental.renter_id). It is never queued: only the newest
+// state, only while connected. When a rental ends, the renter it ended for
+// gets the final state (rental null) once, so their app sees the end (in
+// aliyun that message carries no renter id, so the rule drops it; it
+// costs one publish).
 func (s *session) publishRenter(ctx context.Context, client mqtt.Client, st edged.DeviceState, payload []byte) error {
-	if s.u.aliyun {
-		if st.Rental == nil {
-			return nil
-		}
-		return s.publish(ctx, client, s.u.topics.renter, false, payload, nil)
-	}
 	tpl := s.u.cfg.RenterTopic
-	if tpl == "" {
+	if tpl == "" && !s.u.aliyun {
 		return nil
 	}
 	topic := ""
 	if st.Rental != nil {
-		topic = renterTopic(tpl, st.Rental.RenterID, st.DeviceID)
+		topic = s.u.topics.renter
+		if !s.u.aliyun {
+			topic = renterTopic(tpl, st.Rental.RenterID, st.DeviceID)
+		}
 	}
 	prev := s.renterOf[st.DeviceID]
 	if prev != "" && prev != topic {
