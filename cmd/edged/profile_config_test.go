@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -103,3 +105,26 @@ func TestCloudProfileDefaults(t *testing.T) {
 }
 
 func fmtConfig(c edged.Config) string { return fmt.Sprintf("%+v", c) }
+
+// The configs of docs/clouds.md (docs/examples) pass check-config, each
+// with its profile.
+func TestCloudExamplesLoad(t *testing.T) {
+	files, err := filepath.Glob("../../docs/examples/*.yaml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no examples: %v", err)
+	}
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := parseConfig(filepath.Base(f), data)
+		if err != nil {
+			t.Errorf("%s: %v", f, err)
+			continue
+		}
+		if _, ok := edged.CloudProfile(cfg.Uplink.Profile); !ok || cfg.Uplink.URL == "" {
+			t.Errorf("%s: profile %q url %q", f, cfg.Uplink.Profile, cfg.Uplink.URL)
+		}
+	}
+}
