@@ -1,9 +1,11 @@
 package uplink
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -194,6 +196,8 @@ func TestAliyunRental(t *testing.T) {
 	s.states.Set(edged.DeviceState{DeviceID: "chair-1"})
 	cfg := cloudConfig(t, s, c, edged.ProfileAliyun, c.URL())
 	cfg.RenterTopic = "renters/{renter_id}" // ignored on aliyun
+	logs := &lockedBuffer{}
+	cfg.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	u, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -255,6 +259,13 @@ func TestAliyunRental(t *testing.T) {
 	}
 	noViolations(t, c)
 	st := u.Status()
+	js, _ := json.Marshal(st)
+	if strings.Contains(logs.String()+string(js)+fmt.Sprintf("%+v", cfg), emuSecret) {
+		t.Error("the device secret shows in the logs, the status or the printed config")
+	}
+	if !strings.Contains(logs.String(), "uplink connected") {
+		t.Error("logs not captured")
+	}
 	if st.Profile != "aliyun" || st.Identity != emuPK+"/"+emuDN || st.EventsSent != 1 || st.Batches != 1 || st.Refused != 0 || st.MessagesSent < 4 {
 		t.Errorf("status %+v", st)
 	}
@@ -562,4 +573,22 @@ func TestOversizeAndRefusedEvents(t *testing.T) {
 	if v := c.Violations(); v[cloudemu.RuleSize] < refuseAfter || len(v) != 1 {
 		t.Errorf("violations %v: want only size, at least %d times", v, refuseAfter)
 	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for a logger's concurrent writes.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
