@@ -2,6 +2,7 @@ package edged
 
 import (
 	"fmt"
+	"log/slog"
 	"net"
 	"strings"
 	"time"
@@ -64,6 +65,114 @@ type UplinkConfig struct {
 	KeepAlive time.Duration `yaml:"keepalive"`
 	// Window is how many QoS 1 publishes may await their PUBACK at once.
 	Window int `yaml:"window"`
+	// Profile fits the uplink to the cloud's MQTT service (§3.5): generic
+	// (the default), aws or aliyun.
+	Profile string `yaml:"profile"`
+	// BatchEvents is how many events go in one message; 0 means the
+	// profile's default (§3.3, §3.5).
+	BatchEvents int `yaml:"batch_events"`
+	// MaxPublishRate caps PUBLISH packets per second on the connection; 0
+	// means the profile's default (none for generic).
+	MaxPublishRate int `yaml:"max_publish_rate"`
+	// MaxMessageKB is the largest payload edged sends, in KiB; 0 means the
+	// profile's default.
+	MaxMessageKB int `yaml:"max_message_kb"`
+	// Aliyun is the station's identity on Alibaba Cloud IoT Platform
+	// (profile aliyun only).
+	Aliyun AliyunConfig `yaml:"aliyun"`
+}
+
+// Cloud profiles of uplink.profile (§3.5).
+const (
+	ProfileGeneric = "generic"
+	ProfileAWS     = "aws"
+	ProfileAliyun  = "aliyun"
+)
+
+// ProfileDefaults are a cloud profile's defaults for the keys an operator
+// may leave at 0 (§3.5). MaxPublishRate 0 means no limit.
+type ProfileDefaults struct {
+	BatchEvents, MaxPublishRate, MaxMessageKB int
+}
+
+// CloudProfile returns the defaults of a profile ("" is generic); ok is
+// false for an unknown profile.
+func CloudProfile(name string) (d ProfileDefaults, ok bool) {
+	switch name {
+	case "", ProfileGeneric:
+		return ProfileDefaults{BatchEvents: 1, MaxPublishRate: 0, MaxMessageKB: 256}, true
+	case ProfileAWS:
+		// AWS IoT Core allows 100 publishes/s and 128 KB per message on a
+		// connection; 90 leaves room for the clocks not agreeing.
+		return ProfileDefaults{BatchEvents: 200, MaxPublishRate: 90, MaxMessageKB: 128}, true
+	case ProfileAliyun:
+		// The IoT Platform allows about 30 publishes/s per device.
+		return ProfileDefaults{BatchEvents: 200, MaxPublishRate: 25, MaxMessageKB: 256}, true
+	}
+	return ProfileDefaults{}, false
+}
+
+// Effective returns c with the profile's defaults filled in where c has 0.
+func (c UplinkConfig) Effective() UplinkConfig {
+	d, _ := CloudProfile(c.Profile)
+	if c.Profile == "" {
+		c.Profile = ProfileGeneric
+	}
+	if c.BatchEvents <= 0 {
+		c.BatchEvents = d.BatchEvents
+	}
+	if c.MaxPublishRate <= 0 {
+		c.MaxPublishRate = d.MaxPublishRate
+	}
+	if c.MaxMessageKB <= 0 {
+		c.MaxMessageKB = d.MaxMessageKB
+	}
+	return c
+}
+
+// AliyunConfig is the station as one IoT Platform device (§3.5).
+type AliyunConfig struct {
+	ProductKey   string `yaml:"product_key"`
+	DeviceName   string `yaml:"device_name"`
+	DeviceSecret string `yaml:"device_secret"`
+}
+
+// String hides the device secret, so a config printed with %v or %+v
+// never shows it.
+func (a AliyunConfig) String() string {
+	secret := ""
+	if a.DeviceSecret != "" {
+		secret = "(redacted)"
+	}
+	return fmt.Sprintf("{ProductKey:%s DeviceName:%s DeviceSecret:%s}", a.ProductKey, a.DeviceName, secret)
+}
+
+// LogValue hides the device secret from slog.
+func (a AliyunConfig) LogValue() slog.Value {
+	return slog.StringValue(a.String())
+}
+
+// Limits of the profile keys.
+const (
+	// MaxBatchEvents bounds batch_events; a batch is one message and its
+	// events leave the outbox together.
+	MaxBatchEvents = 10000
+	// MaxMessageKBLimit is the largest max_message_kb: MQTT's own limit is
+	// 256 MiB, but edged's messages are far smaller.
+	MaxMessageKBLimit = 256 * 1024
+)
+
+// AWSMaxSlashes is the most slashes AWS IoT Core allows in a topic.
+const AWSMaxSlashes = 7
+
+// TLSURL reports whether an uplink URL uses TLS (ssl, tls, mqtts, wss).
+func TLSURL(u string) bool {
+	for _, p := range []string{"ssl://", "tls://", "mqtts://", "wss://"} {
+		if strings.HasPrefix(u, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // RentalsConfig holds the rental rules' settings (§3.1, §4).
@@ -146,7 +255,7 @@ func DefaultConfig() Config {
 		DataDir: "./edged-data",
 		Local:   LocalConfig{Listen: ":1883", MaxPacketKB: 4096},
 		Uplink: UplinkConfig{
-			TopicRoot: "stations", OutboxMaxMB: 64,
+			TopicRoot: "stations", OutboxMaxMB: 64, Profile: ProfileGeneric,
 			ReconnectMax: 60 * time.Second, KeepAlive: 30 * time.Second, Window: 256,
 		},
 		Rentals: RentalsConfig{StartTimeout: 5 * time.Second},
@@ -253,6 +362,9 @@ func (c *Config) Validate(checkProfile ProfileChecker) error {
 	}
 	if c.Uplink.Window < 1 || c.Uplink.Window > 65535 {
 		add("uplink.window", "must be between 1 and 65535")
+	}
+	for _, e := range c.Uplink.validateProfile() {
+		add(e.Path, "%s", e.Message)
 	}
 	if c.Rentals.VerifyKey != "" {
 		if _, err := ParseVerifyKey(c.Rentals.VerifyKey); err != nil {
@@ -370,6 +482,87 @@ func (c *Config) Validate(checkProfile ProfileChecker) error {
 		return errs
 	}
 	return nil
+}
+
+// validateProfile checks uplink.profile and what it requires (§3.5).
+func (u *UplinkConfig) validateProfile() []FieldError {
+	var errs []FieldError
+	add := func(path, format string, args ...any) {
+		errs = append(errs, FieldError{Path: path, Message: fmt.Sprintf(format, args...)})
+	}
+	if _, ok := CloudProfile(u.Profile); !ok {
+		add("uplink.profile", "%q is not a profile (generic, aws or aliyun)", u.Profile)
+	}
+	if u.BatchEvents < 0 || u.BatchEvents > MaxBatchEvents {
+		add("uplink.batch_events", "must be between 0 (the profile's default) and %d", MaxBatchEvents)
+	}
+	if u.MaxPublishRate < 0 || u.MaxPublishRate > 1000000 {
+		add("uplink.max_publish_rate", "must be between 0 (the profile's default) and 1000000")
+	}
+	if u.MaxMessageKB != 0 && (u.MaxMessageKB < 1 || u.MaxMessageKB > MaxMessageKBLimit) {
+		add("uplink.max_message_kb", "must be between 1 and %d, or 0 for the profile's default", MaxMessageKBLimit)
+	}
+	a := u.Aliyun
+	if u.Profile != ProfileAliyun {
+		if a.ProductKey != "" || a.DeviceName != "" || a.DeviceSecret != "" {
+			add("uplink.aliyun", "is for profile aliyun only")
+		}
+	}
+	if u.Profile != ProfileAWS && u.Profile != ProfileAliyun {
+		return errs
+	}
+	if u.URL != "" && !TLSURL(u.URL) {
+		add("uplink.url", "profile %s needs TLS (ssl://, tls:// or wss://)", u.Profile)
+	}
+	if u.KeepAlive < 30*time.Second || u.KeepAlive > 1200*time.Second {
+		add("uplink.keepalive", "profile %s needs a keepalive between 30s and 1200s", u.Profile)
+	}
+	switch u.Profile {
+	case ProfileAWS:
+		// AWS IoT Core takes at most 7 slashes in a topic; the longest is
+		// R/S/up/devices/D.
+		if strings.Count(u.TopicRoot, "/") > AWSMaxSlashes-4 {
+			add("uplink.topic_root", "profile aws allows at most %d slashes in a topic: at most %d in topic_root", AWSMaxSlashes, AWSMaxSlashes-4)
+		}
+		if strings.Count(u.RenterTopic, "/") > AWSMaxSlashes {
+			add("uplink.renter_topic", "profile aws allows at most %d slashes in a topic", AWSMaxSlashes)
+		}
+		if u.CertFile == "" {
+			add("uplink.cert_file", "profile aws needs a client certificate (cert_file and key_file)")
+		}
+		if u.KeyFile == "" {
+			add("uplink.key_file", "profile aws needs a client certificate (cert_file and key_file)")
+		}
+	case ProfileAliyun:
+		if !aliyunName(a.ProductKey) {
+			add("uplink.aliyun.product_key", "profile aliyun needs the product key (letters, digits, _)")
+		}
+		if !aliyunName(a.DeviceName) {
+			add("uplink.aliyun.device_name", "profile aliyun needs the device name (letters, digits, _, -, @, ., :)")
+		}
+		if a.DeviceSecret == "" {
+			add("uplink.aliyun.device_secret", "profile aliyun needs the device secret")
+		}
+	}
+	return errs
+}
+
+// aliyunName reports whether s may be an IoT Platform product key or
+// device name: it goes into topics and the client id, so no '/', '&', '|',
+// ',' or wildcards.
+func aliyunName(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for _, r := range s {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9':
+		case r == '_', r == '-', r == '@', r == '.', r == ':':
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // bcryptHash reports whether s looks like a bcrypt hash ($2a$, $2b$ or $2y$

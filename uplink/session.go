@@ -3,6 +3,7 @@ package uplink
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -38,13 +39,21 @@ type session struct {
 	due       []edged.DeviceState
 	buf       []edged.Event // events read from the outbox, not yet sent
 	sentUpTo  uint64        // highest seq handed to paho on this connection
+
+	// startPubacked is u.pubacked when the connection came up; first is
+	// the first events message of the connection (head seq, last seq,
+	// count), for judging a refusal when it ends.
+	startPubacked        uint64
+	firstHead, firstLast uint64
+	firstCount           int
+	statesFirst          bool // aliyun: every state before the backlog
 }
 
-// inflight is a QoS 1 publish awaiting its PUBACK. seq is 0 for anything
-// but an event.
+// inflight is a QoS 1 publish awaiting its PUBACK. seqs are the events it
+// carries (none for a state or presence).
 type inflight struct {
 	tok  mqtt.Token
-	seq  uint64
+	seqs []uint64
 	sent time.Time
 }
 
@@ -102,11 +111,16 @@ func (s *session) run(parent context.Context) (time.Duration, error) {
 	go func() { defer wg.Done(); s.handleDown() }()
 	defer wg.Wait() // after cancel, below
 
+	l := login{clientID: u.clientID, username: u.cfg.Username, password: u.cfg.Password}
+	if u.aliyun {
+		a := u.cfg.Aliyun
+		l = aliyunLogin(u.clientID, a.ProductKey, a.DeviceName, a.DeviceSecret, time.Now())
+	}
 	opts := mqtt.NewClientOptions().
 		AddBroker(u.broker).
-		SetClientID(u.clientID).
-		SetUsername(u.cfg.Username).
-		SetPassword(u.cfg.Password).
+		SetClientID(l.clientID).
+		SetUsername(l.username).
+		SetPassword(l.password).
 		SetProtocolVersion(4).
 		SetCleanSession(false).
 		SetAutoReconnect(false).
@@ -117,11 +131,15 @@ func (s *session) run(parent context.Context) (time.Duration, error) {
 		SetWriteTimeout(u.writeTimeout()).
 		SetOrderMatters(true).
 		SetAutoAckDisabled(true).
-		SetBinaryWill(u.topics.gateway, []byte(`{"online":false}`), 1, true).
 		SetDefaultPublishHandler(s.onMessage).
 		SetConnectionLostHandler(func(_ mqtt.Client, err error) {
-			s.signal(fmt.Errorf("connection lost: %w", err))
+			s.signal(&lostError{err})
 		})
+	if u.retain {
+		// aliyun has no will; its own device status messages report a
+		// lost link.
+		opts.SetBinaryWill(u.topics.gateway, []byte(`{"online":false}`), 1, true)
+	}
 	if u.tls != nil {
 		opts.SetTLSConfig(u.tls)
 	}
@@ -146,11 +164,42 @@ func (s *session) run(parent context.Context) (time.Duration, error) {
 }
 
 // goodbye marks the gateway offline on a clean stop: a DISCONNECT
-// suppresses the will, so the retained presence is replaced explicitly.
+// suppresses the will, so the retained presence is replaced explicitly;
+// aliyun has neither, so there it is the only offline message. It waits
+// briefly for the PUBACK, and for a token of the pacer.
 func (s *session) goodbye(client mqtt.Client) {
-	tok := client.Publish(s.u.topics.gateway, 1, true, []byte(`{"online":false}`))
-	_ = wait(context.Background(), tok, 2*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if s.pace(ctx) == nil {
+		tok := client.Publish(s.u.topics.gateway, 1, s.u.retain, []byte(`{"online":false}`))
+		s.u.sent.messages.Add(1)
+		_ = wait(ctx, tok, 2*time.Second)
+	}
 	client.Disconnect(250)
+}
+
+// lostError is a connection paho reports lost.
+type lostError struct{ err error }
+
+func (e *lostError) Error() string { return "connection lost: " + e.err.Error() }
+func (e *lostError) Unwrap() error { return e.err }
+
+// publishError is a publish that failed (paho gave up on it).
+type publishError struct{ err error }
+
+func (e *publishError) Error() string { return "publish: " + e.err.Error() }
+func (e *publishError) Unwrap() error { return e.err }
+
+// errStalled is a PUBACK overdue.
+var errStalled = errors.New("link stalled")
+
+// endedByCloud reports whether a connection ended because of the cloud or
+// the link (lost, a publish failed, a PUBACK overdue), not because edged
+// ended it (a down message it could not store, a stop).
+func endedByCloud(err error) bool {
+	var l *lostError
+	var p *publishError
+	return errors.As(err, &l) || errors.As(err, &p) || errors.Is(err, errStalled)
 }
 
 func (s *session) serve(ctx context.Context, client mqtt.Client) error {
@@ -166,30 +215,57 @@ func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 			u.setError(fmt.Errorf("subscribe %s: refused by the broker", topic))
 		}
 	}
-	if err := s.publish(client, u.topics.gateway, true, u.presence(), 0); err != nil {
+	if err := s.publish(ctx, client, u.topics.gateway, u.retain, u.presence(), nil); err != nil {
 		return err
 	}
 	u.setConnected(s.since, u.hadConnection)
 	u.hadConnection = true
-	u.log.Info("uplink connected", "url", redact(u.broker), "client_id", u.clientID, "resend_from", u.pubacked+1)
+	u.log.Info("uplink connected", "url", redact(u.broker), "client_id", u.clientID, "profile", u.cfg.Profile, "resend_from", u.pubacked+1)
 
 	s.sentUpTo = u.pubacked
+	s.startPubacked = u.pubacked
 	s.refreshStates() // every device once on every new connection
+	s.statesFirst = u.aliyun
 	moreEvents := true
+	liveTurn := true
 	watchdog := time.NewTimer(time.Hour)
 	defer watchdog.Stop()
 	for {
 		if err := s.retire(); err != nil {
 			return err
 		}
-		if err := s.publishStates(client); err != nil {
-			return err
+		if len(s.due) == 0 {
+			s.statesFirst = false
 		}
-		if moreEvents {
+		// One message per turn: live state (with its renter messages) or
+		// one events batch, taking turns while both wait, so neither
+		// starves the other and every publish waits its token in order.
+		wantLive := len(s.due) > 0
+		wantEvents := moreEvents && !s.statesFirst
+		if s.room() > 0 && (wantLive || wantEvents) {
 			var err error
-			if moreEvents, err = s.publishEvents(ctx, client); err != nil {
+			if wantLive && (liveTurn || !wantEvents) {
+				err = s.publishStates(ctx, client)
+				liveTurn = false
+			} else {
+				moreEvents, err = s.publishEvents(ctx, client)
+				liveTurn = true
+			}
+			if err != nil {
 				return err
 			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case err := <-s.lost:
+				return err
+			case <-u.cfg.Outbox.Notify():
+				moreEvents = true
+			case <-u.cfg.States.StatesChanged():
+				s.refreshStates()
+			default:
+			}
+			continue
 		}
 
 		var head <-chan struct{}
@@ -197,7 +273,7 @@ func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 			head = s.window[0].tok.Done()
 			d := u.ackTimeout() - time.Since(s.window[0].sent)
 			if d <= 0 {
-				return fmt.Errorf("no PUBACK within %v: link stalled", u.ackTimeout())
+				return fmt.Errorf("no PUBACK within %v: %w", u.ackTimeout(), errStalled)
 			}
 			resetTimer(watchdog, d)
 		} else {
@@ -233,10 +309,11 @@ func resetTimer(t *time.Timer, d time.Duration) {
 // session: the next one resends from the oldest unacknowledged event.
 func (s *session) retire() error {
 	var seqs []uint64
+	msgs := 0
 	defer func() {
 		if len(seqs) > 0 {
 			s.u.pubacked = seqs[len(seqs)-1]
-			s.acks.add(seqs...)
+			s.acks.add(msgs, seqs...)
 		}
 	}()
 	for len(s.window) > 0 {
@@ -247,10 +324,11 @@ func (s *session) retire() error {
 			return nil
 		}
 		if err := f.tok.Error(); err != nil {
-			return fmt.Errorf("publish: %w", err)
+			return &publishError{err}
 		}
-		if f.seq > 0 {
-			seqs = append(seqs, f.seq)
+		if len(f.seqs) > 0 {
+			seqs = append(seqs, f.seqs...)
+			msgs++
 		}
 		s.window[0] = inflight{}
 		s.window = s.window[1:]
@@ -261,63 +339,247 @@ func (s *session) retire() error {
 // room is how many more publishes may start: the window holds those
 // awaiting their PUBACK and those PUBACKed but not yet released from the
 // outbox, so a crash repeats at most a window of events.
-func (s *session) room() int { return s.u.cfg.Window - len(s.window) - s.acks.unreleased() }
+func (s *session) room() int {
+	r := s.u.cfg.Window - len(s.window) - s.acks.unreleased()
+	if c := s.u.inflightCap; c > 0 {
+		r = min(r, c-len(s.window))
+	}
+	return r
+}
 
-// publish sends one QoS 1 message and puts it in the window.
-func (s *session) publish(client mqtt.Client, topic string, retained bool, payload []byte, seq uint64) error {
+// pace waits for a token of the pacer (max_publish_rate), counting the
+// publishes it held back.
+func (s *session) pace(ctx context.Context) error {
+	waited := false
+	defer func() {
+		if waited {
+			s.u.sent.waits.Add(1)
+		}
+	}()
+	for {
+		d := s.u.pacer.reserve(time.Now())
+		if d == 0 {
+			return nil
+		}
+		waited = true
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case err := <-s.lost:
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+	}
+}
+
+// publish sends one QoS 1 message, once the pacer allows, and puts it in
+// the window. seqs are the events it carries.
+func (s *session) publish(ctx context.Context, client mqtt.Client, topic string, retained bool, payload []byte, seqs []uint64) error {
+	if err := s.waitInflight(ctx); err != nil {
+		return err
+	}
+	if err := s.pace(ctx); err != nil {
+		return err
+	}
 	select {
 	case err := <-s.lost: // do not start a Publish that would wait for a dead link
 		return err
 	default:
 	}
 	tok := client.Publish(topic, 1, retained, payload)
-	s.window = append(s.window, inflight{tok: tok, seq: seq, sent: time.Now()})
+	s.u.sent.messages.Add(1)
+	s.window = append(s.window, inflight{tok: tok, seqs: seqs, sent: time.Now()})
 	// An immediate failure (not connected, write timeout) ends the
 	// session without waiting for the window to reach it.
 	select {
 	case <-tok.Done():
 		if err := tok.Error(); err != nil {
-			return fmt.Errorf("publish: %w", err)
+			return &publishError{err}
 		}
 	default:
 	}
 	return nil
 }
 
-// publishEvents fills the window with events in seq order. It reports
-// whether the outbox may hold more (false once a read came back empty).
+// waitInflight holds a publish while inflightCap publishes await their
+// PUBACK (only when the rate is limited).
+func (s *session) waitInflight(ctx context.Context) error {
+	limit := s.u.inflightCap
+	if limit <= 0 {
+		return nil
+	}
+	for {
+		if err := s.retire(); err != nil {
+			return err
+		}
+		if len(s.window) < limit {
+			return nil
+		}
+		d := s.u.ackTimeout() - time.Since(s.window[0].sent)
+		if d <= 0 {
+			return fmt.Errorf("no PUBACK within %v: %w", s.u.ackTimeout(), errStalled)
+		}
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case err := <-s.lost:
+			t.Stop()
+			return err
+		case <-s.window[0].tok.Done():
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// skip releases an event that is never sent, in its place in the window's
+// order, and counts it as refused.
+func (s *session) skip(ev edged.Event, why string, size int) {
+	s.u.sent.refused.Add(1)
+	s.u.log.Error("event not sent: "+why, "seq", ev.Seq, "type", ev.Type, "bytes", size, "max_message_kb", s.u.cfg.MaxMessageKB)
+	s.u.setError(fmt.Errorf("event %d not sent: %s", ev.Seq, why))
+	s.window = append(s.window, inflight{tok: doneToken{}, seqs: []uint64{ev.Seq}, sent: time.Now()})
+	s.sentUpTo = ev.Seq
+}
+
+// doneToken is a completed paho token, for a skipped event's place in the
+// window.
+type doneToken struct{}
+
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+func (doneToken) Wait() bool                     { return true }
+func (doneToken) WaitTimeout(time.Duration) bool { return true }
+func (doneToken) Done() <-chan struct{}          { return closedChan }
+func (doneToken) Error() error                   { return nil }
+
+// batchLimit is how many events the next message may carry when it
+// starts at seq: batch_events, or fewer while a refused event is being
+// looked for.
+func (s *session) batchLimit(seq uint64) int {
+	r := s.u.refusal
+	if r.capEvents > 0 && seq <= r.capUntil {
+		return min(r.capEvents, s.u.batch)
+	}
+	return s.u.batch
+}
+
+// publishEvents sends the next events message: one event, or with
+// batch_events > 1 a batch of up to that many in seq order, cut before the
+// payload would pass max_message_kb. It reports whether the outbox may
+// hold more (false once a read came back empty).
 func (s *session) publishEvents(ctx context.Context, client mqtt.Client) (bool, error) {
 	u := s.u
-	for s.room() > 0 {
+	var (
+		envs  [][]byte
+		seqs  []uint64
+		limit int
+		size  int
+	)
+	batched := u.batch > 1
+	overhead := 0
+	if batched {
+		st, _ := json.Marshal(u.cfg.StationID)
+		overhead = len(`{"station":,"events":[]}`) + len(st)
+	}
+	more := true
+	for limit == 0 || len(seqs) < limit {
 		if len(s.buf) == 0 {
-			evs, err := u.cfg.Outbox.Pending(ctx, s.sentUpTo, max(u.cfg.Window*4, 256))
+			after := s.sentUpTo
+			if len(seqs) > 0 {
+				after = seqs[len(seqs)-1]
+			}
+			evs, err := u.cfg.Outbox.Pending(ctx, after, max(u.cfg.Window*4, 256, u.batch))
 			if err != nil {
 				return true, fmt.Errorf("outbox: %w", err)
 			}
 			if len(evs) == 0 {
-				return false, nil
+				more = false
+				break
 			}
 			s.buf = evs
 		}
 		ev := s.buf[0]
-		s.buf = s.buf[1:]
-		if ev.Seq <= s.sentUpTo {
+		if ev.Seq <= s.sentUpTo || (len(seqs) > 0 && ev.Seq <= seqs[len(seqs)-1]) {
+			s.buf = s.buf[1:]
 			continue // the outbox must return seqs above after; be safe
+		}
+		if len(seqs) == 0 {
+			if u.refusal.fails >= refuseAfter && u.refusal.head == ev.Seq {
+				s.buf = s.buf[1:]
+				u.refusal.head, u.refusal.fails = 0, 0
+				s.skip(ev, fmt.Sprintf("refused by the cloud: no PUBACK on %d connections in a row when sent alone", refuseAfter), 0)
+				return true, nil
+			}
+			limit = s.batchLimit(ev.Seq)
 		}
 		if ev.Station == "" {
 			ev.Station = u.cfg.StationID
 		}
 		ev.TS = ev.TS.UTC()
-		payload, err := json.Marshal(ev)
+		env, err := json.Marshal(ev)
 		if err != nil {
 			return true, fmt.Errorf("encode event %d: %w", ev.Seq, err)
 		}
-		if err := s.publish(client, u.topics.events, false, payload, ev.Seq); err != nil {
-			return true, err
+		grown := size + len(env)
+		if len(envs) > 0 {
+			grown++ // the comma
 		}
-		s.sentUpTo = ev.Seq
+		if overhead+grown > u.maxBytes {
+			if len(envs) == 0 {
+				// Too big on its own (device events are far smaller): it
+				// can never be sent, so it must not stall the drain.
+				s.buf = s.buf[1:]
+				s.skip(ev, "larger than max_message_kb", len(env))
+				return true, nil
+			}
+			break // cut before it
+		}
+		s.buf = s.buf[1:]
+		envs = append(envs, env)
+		seqs = append(seqs, ev.Seq)
+		size = grown
 	}
+	if len(seqs) == 0 {
+		return more, nil
+	}
+	payload := envs[0]
+	if batched {
+		b := make([]byte, 0, overhead+size)
+		b = append(b, `{"station":`...)
+		b, _ = appendJSON(b, u.cfg.StationID)
+		b = append(b, `,"events":[`...)
+		for i, e := range envs {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, e...)
+		}
+		b = append(b, "]}"...)
+		payload = b
+	}
+	if s.firstCount == 0 {
+		s.firstHead, s.firstLast, s.firstCount = seqs[0], seqs[len(seqs)-1], len(seqs)
+	}
+	if err := s.publish(ctx, client, u.topics.events, false, payload, seqs); err != nil {
+		return true, err
+	}
+	u.sent.events.Add(uint64(len(seqs)))
+	if batched {
+		u.sent.batches.Add(1)
+	}
+	s.sentUpTo = seqs[len(seqs)-1]
 	return true, nil
+}
+
+func appendJSON(b []byte, v any) ([]byte, error) {
+	j, err := json.Marshal(v)
+	return append(b, j...), err
 }
 
 // refreshStates reads the latest device states and queues those whose
@@ -343,26 +605,94 @@ func (s *session) refreshStates() {
 	}
 }
 
-// publishStates publishes queued device states, using at most half of the
-// free window so that live state and the event backlog interleave: a long
-// drain never holds state back by more than one round of PUBACKs, and a
-// station with many devices never holds back the drain.
-func (s *session) publishStates(client mqtt.Client) error {
+// publishStates sends the next state message with its renter messages:
+// one device's state on its own topic, or in aliyun with batch_events > 1
+// a batch of up to that many devices, each at most once, cut before
+// max_message_kb. The serve loop gives states and events turns, so a long
+// drain never holds state back by more than one message, and many devices
+// never hold back the drain.
+func (s *session) publishStates(ctx context.Context, client mqtt.Client) error {
 	u := s.u
-	budget := (s.room() + 1) / 2
-	for len(s.due) > 0 && budget > 0 {
-		st := s.due[0]
-		s.due = s.due[1:]
-		payload, err := json.Marshal(wireState(st))
+	if u.aliyun && u.batch > 1 {
+		return s.publishStateBatch(ctx, client)
+	}
+	st := s.due[0]
+	s.due = s.due[1:]
+	payload, err := json.Marshal(wireState(st))
+	if err != nil {
+		return fmt.Errorf("encode device %s: %w", st.DeviceID, err)
+	}
+	if len(payload) > u.maxBytes {
+		s.stateTooBig(st, len(payload))
+		return nil
+	}
+	topic := u.topics.devicePrefix + st.DeviceID
+	if u.aliyun {
+		topic = u.topics.devices
+	}
+	if err := s.publish(ctx, client, topic, u.retain, payload, nil); err != nil {
+		return err
+	}
+	s.published[st.DeviceID] = st.Version
+	return s.publishRenter(ctx, client, st, payload)
+}
+
+// stateTooBig drops a state that cannot be sent (the state bounds of §2
+// keep it far below any profile's limit) and logs it.
+func (s *session) stateTooBig(st edged.DeviceState, size int) {
+	s.published[st.DeviceID] = st.Version
+	s.u.log.Error("device state not sent: larger than max_message_kb", "device", st.DeviceID, "bytes", size)
+	s.u.setError(fmt.Errorf("device %s state not sent: larger than max_message_kb", st.DeviceID))
+}
+
+// publishStateBatch sends up to batch_events queued states as
+// {"station": S, "devices": [state, ...]} on aliyun's devices topic.
+func (s *session) publishStateBatch(ctx context.Context, client mqtt.Client) error {
+	u := s.u
+	st, _ := json.Marshal(u.cfg.StationID)
+	size := len(`{"station":,"devices":[]}`) + len(st)
+	var (
+		b     = append(append(append([]byte(nil), `{"station":`...), st...), `,"devices":[`...)
+		taken []edged.DeviceState
+		each  [][]byte
+	)
+	for len(s.due) > 0 && len(taken) < u.batch {
+		d := s.due[0]
+		payload, err := json.Marshal(wireState(d))
 		if err != nil {
-			return fmt.Errorf("encode device %s: %w", st.DeviceID, err)
+			return fmt.Errorf("encode device %s: %w", d.DeviceID, err)
 		}
-		if err := s.publish(client, u.topics.devicePrefix+st.DeviceID, true, payload, 0); err != nil {
-			return err
+		grown := size + len(payload)
+		if len(taken) > 0 {
+			grown++
 		}
-		budget--
-		s.published[st.DeviceID] = st.Version
-		if err := s.publishRenter(client, st, payload); err != nil {
+		if grown > u.maxBytes {
+			if len(taken) == 0 {
+				s.due = s.due[1:]
+				s.stateTooBig(d, len(payload))
+				continue
+			}
+			break
+		}
+		s.due = s.due[1:]
+		if len(taken) > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, payload...)
+		size = grown
+		taken = append(taken, d)
+		each = append(each, payload)
+	}
+	if len(taken) == 0 {
+		return nil
+	}
+	b = append(b, "]}"...)
+	if err := s.publish(ctx, client, u.topics.devices, false, b, nil); err != nil {
+		return err
+	}
+	for i, d := range taken {
+		s.published[d.DeviceID] = d.Version
+		if err := s.publishRenter(ctx, client, d, each[i]); err != nil {
 			return err
 		}
 	}
@@ -370,21 +700,27 @@ func (s *session) publishStates(client mqtt.Client) error {
 }
 
 // publishRenter sends live state to the renter of a rented device
-// (uplink.renter_topic). It is never queued: only the newest state, only
-// while connected. When a rental ends, the renter it ended for gets the
-// final state (rental null) once, so their app sees the end.
-func (s *session) publishRenter(client mqtt.Client, st edged.DeviceState, payload []byte) error {
+// (uplink.renter_topic; in aliyun the fixed renter topic, which the rules
+// engine routes by rental.renter_id). It is never queued: only the newest
+// state, only while connected. When a rental ends, the renter it ended for
+// gets the final state (rental null) once, so their app sees the end (in
+// aliyun that message carries no renter id, so the rule drops it; it
+// costs one publish).
+func (s *session) publishRenter(ctx context.Context, client mqtt.Client, st edged.DeviceState, payload []byte) error {
 	tpl := s.u.cfg.RenterTopic
-	if tpl == "" {
+	if tpl == "" && !s.u.aliyun {
 		return nil
 	}
 	topic := ""
 	if st.Rental != nil {
-		topic = renterTopic(tpl, st.Rental.RenterID, st.DeviceID)
+		topic = s.u.topics.renter
+		if !s.u.aliyun {
+			topic = renterTopic(tpl, st.Rental.RenterID, st.DeviceID)
+		}
 	}
 	prev := s.renterOf[st.DeviceID]
 	if prev != "" && prev != topic {
-		if err := s.publish(client, prev, false, payload, 0); err != nil {
+		if err := s.publish(ctx, client, prev, false, payload, nil); err != nil {
 			return err
 		}
 	}
@@ -393,7 +729,7 @@ func (s *session) publishRenter(client mqtt.Client, st edged.DeviceState, payloa
 		return nil
 	}
 	s.renterOf[st.DeviceID] = topic
-	return s.publish(client, topic, false, payload, 0)
+	return s.publish(ctx, client, topic, false, payload, nil)
 }
 
 func renterTopic(tpl, renterID, deviceID string) string {

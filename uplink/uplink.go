@@ -22,7 +22,9 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/stationedge/edged"
@@ -77,6 +79,24 @@ type Status struct {
 	// LastError is the last connection or delivery error; it stays after
 	// the link recovers, as a hint for the technician.
 	LastError string `json:"last_error,omitempty"`
+	// Profile is the cloud profile (§3.5): generic, aws or aliyun.
+	Profile string `json:"profile"`
+	// Identity is who the station is at the cloud: the client id, or
+	// product key/device name on aliyun. Never a secret.
+	Identity string `json:"identity"`
+	// MessagesSent counts PUBLISH packets handed to the connection: events,
+	// states, presence and renter messages, resends included.
+	MessagesSent uint64 `json:"messages_sent"`
+	// EventsSent counts events sent, resends included; Batches the event
+	// messages that carried a batch (batch_events > 1).
+	EventsSent uint64 `json:"events_sent"`
+	Batches    uint64 `json:"batches"`
+	// PacingWaits counts publishes held back by max_publish_rate.
+	PacingWaits uint64 `json:"pacing_waits"`
+	// Refused counts events the cloud could not take: larger than
+	// max_message_kb on their own, or refused by the cloud connection after
+	// connection (each is logged and released from the outbox).
+	Refused uint64 `json:"refused"`
 }
 
 // Defaults for zero values of edged.UplinkConfig, as in edged.DefaultConfig.
@@ -98,6 +118,20 @@ type Uplink struct {
 	clientID string
 	topics   topics
 
+	// Profile settings (§3.5), from cfg with the profile's defaults.
+	aliyun   bool // no retain, no will; signed login; states on one topic
+	retain   bool // states and presence retained, will set
+	batch    int  // events per message
+	maxBytes int  // largest payload
+	pacer    *pacer
+	// inflightCap bounds publishes awaiting their PUBACK when the rate is
+	// limited (0: only the window bounds them). The cloud counts arrivals,
+	// and messages queued on the way (a stalled writer, a slow link)
+	// arrive together: in any second it sees at most the rate plus those
+	// in flight at its start. rate/9 keeps that within the clouds' limits
+	// (aws 90+10 ≤ 100, aliyun 25+2 ≤ 30).
+	inflightCap int
+
 	runMu sync.Mutex // held by Run: one Run at a time
 
 	// released is signalled when the acker frees room in the window.
@@ -106,6 +140,9 @@ type Uplink struct {
 	// Owned by Run's goroutine (sessions run one after another).
 	pubacked      uint64 // highest seq PUBACKed: the next session resends after it
 	hadConnection bool
+	refusal       refusal
+
+	sent counters // atomics, for Status
 
 	mu             sync.Mutex
 	state          string
@@ -116,10 +153,39 @@ type Uplink struct {
 	lastErr        string
 }
 
-// topics are the uplink's MQTT topics, R/S/...
+// topics are the uplink's MQTT topics, R/S/... or /PK/DN/user/... (aliyun).
 type topics struct {
-	gateway, events, devicePrefix, downRentals, downCommands string
+	gateway, events, downRentals, downCommands string
+	// devicePrefix+D is a device's state topic; in aliyun devicePrefix is
+	// empty and every state goes to devices.
+	devicePrefix, devices string
+	renter                string // aliyun's fixed renter topic
 }
+
+// counters are the uplink's figures for Status.
+type counters struct {
+	messages, events, batches, waits, refused atomic.Uint64
+}
+
+// refusal tracks connections that ended with nothing of theirs
+// acknowledged, to find a message the cloud refuses by dropping the
+// connection (docs/uplink.md, "Refused publishes"). Owned by Run.
+type refusal struct {
+	// capEvents, when > 0, bounds batches that start at or before capUntil:
+	// the batch that failed is sent in halves until the refused event is
+	// alone.
+	capEvents int
+	capUntil  uint64
+	// head is the event that was sent alone first on fails connections in
+	// a row; at refuseAfter it is given up.
+	head  uint64
+	fails int
+}
+
+// refuseAfter is how many connections in a row must end with a lone event
+// unacknowledged before that event is taken for refused: a flaky link
+// rarely drops so many connections before their first PUBACK.
+const refuseAfter = 5
 
 // New checks cfg (the URL and its scheme, the TLS files) and returns an
 // uplink ready to Run. With no URL the uplink is disabled: Run only waits
@@ -137,7 +203,19 @@ func New(cfg Config) (*Uplink, error) {
 	if u.cfg.StartedAt.IsZero() {
 		u.cfg.StartedAt = u.clock.Now()
 	}
+	u.cfg.UplinkConfig = u.cfg.UplinkConfig.Effective()
 	c := &u.cfg.UplinkConfig
+	if _, ok := edged.CloudProfile(c.Profile); !ok {
+		return nil, edged.Errorf(edged.EINVALID, "uplink: %q is not a profile (generic, aws or aliyun)", c.Profile)
+	}
+	u.aliyun = c.Profile == edged.ProfileAliyun
+	u.retain = !u.aliyun
+	u.batch = min(max(c.BatchEvents, 1), edged.MaxBatchEvents)
+	u.maxBytes = c.MaxMessageKB * 1024
+	u.pacer = newPacer(c.MaxPublishRate)
+	if c.MaxPublishRate > 0 {
+		u.inflightCap = max(1, c.MaxPublishRate/9)
+	}
 	if c.URL == "" {
 		u.state = StateDisabled
 		return u, nil
@@ -170,15 +248,43 @@ func New(cfg Config) (*Uplink, error) {
 	if u.clientID == "" {
 		u.clientID = "edged-" + cfg.StationID
 	}
+	pk, dn := c.Aliyun.ProductKey, c.Aliyun.DeviceName
+	if u.aliyun {
+		if pk == "" || dn == "" || c.Aliyun.DeviceSecret == "" {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: profile aliyun needs aliyun.product_key, device_name and device_secret")
+		}
+		if c.ClientID == "" {
+			u.clientID = pk + "." + dn
+		}
+	}
 
 	broker, secure, err := brokerURL(c.URL)
 	if err != nil {
 		return nil, err
 	}
 	u.broker = broker
+	if c.Profile != edged.ProfileGeneric {
+		if !secure {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: profile %s needs a TLS url (ssl://, tls:// or wss://)", c.Profile)
+		}
+		if c.KeepAlive < 30*time.Second || c.KeepAlive > 1200*time.Second {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: profile %s needs a keepalive between 30s and 1200s", c.Profile)
+		}
+	}
+	if c.Profile == edged.ProfileAWS {
+		if c.CertFile == "" {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: profile aws needs a client certificate (cert_file, key_file)")
+		}
+		if strings.Count(c.TopicRoot, "/") > edged.AWSMaxSlashes-4 || strings.Count(c.RenterTopic, "/") > edged.AWSMaxSlashes {
+			return nil, edged.Errorf(edged.EINVALID, "uplink: profile aws allows at most %d slashes in a topic", edged.AWSMaxSlashes)
+		}
+	}
 	if secure {
 		if u.tls, err = tlsConfig(c); err != nil {
 			return nil, err
+		}
+		if wantsALPN(c.Profile, broker) {
+			u.tls.NextProtos = []string{alpnAWS}
 		}
 		if c.InsecureSkipVerify {
 			u.log.Warn("server certificate verification is off (uplink.insecure_skip_verify)", "url", redact(broker))
@@ -187,6 +293,21 @@ func New(cfg Config) (*Uplink, error) {
 		return nil, edged.Errorf(edged.EINVALID, "uplink: ca_file, cert_file and key_file need a tls://, ssl:// or wss:// url")
 	}
 
+	if u.aliyun {
+		r := "/" + pk + "/" + dn + "/user/"
+		u.topics = topics{
+			gateway:      r + "gateway",
+			events:       r + "events",
+			devices:      r + "devices",
+			renter:       r + "renter",
+			downRentals:  r + "rentals",
+			downCommands: r + "commands",
+		}
+		if c.TopicRoot != defaultTopicRoot || c.RenterTopic != "" {
+			u.log.Info("topic_root and renter_topic do not apply to profile aliyun", "topics", r+"...")
+		}
+		return u, nil
+	}
 	r := c.TopicRoot + "/" + cfg.StationID
 	u.topics = topics{
 		gateway:      r + "/gateway",
@@ -269,12 +390,30 @@ func (u *Uplink) Status() Status {
 		Reconnects:     u.reconnects,
 		Connects:       u.connects,
 		LastError:      u.lastErr,
+		Profile:        u.cfg.Profile,
+		Identity:       u.identity(),
+		MessagesSent:   u.sent.messages.Load(),
+		EventsSent:     u.sent.events.Load(),
+		Batches:        u.sent.batches.Load(),
+		PacingWaits:    u.sent.waits.Load(),
+		Refused:        u.sent.refused.Load(),
 	}
 	u.mu.Unlock()
 	if u.cfg.Outbox != nil {
 		s.Outbox = u.cfg.Outbox.OutboxStats(u.clock.Now())
 	}
 	return s
+}
+
+// identity is the station's name at the cloud, for the status page.
+func (u *Uplink) identity() string {
+	if u.aliyun {
+		return u.cfg.Aliyun.ProductKey + "/" + u.cfg.Aliyun.DeviceName
+	}
+	if u.cfg.URL == "" {
+		return ""
+	}
+	return u.clientID
 }
 
 // Run keeps the uplink connected until ctx ends, reconnecting with
@@ -305,6 +444,7 @@ func (u *Uplink) Run(ctx context.Context) error {
 			u.setDisconnected()
 			return nil
 		}
+		u.judgeRefusal(s, up, err)
 		u.setDisconnected()
 		u.setError(err)
 		if up >= stableAfter {
@@ -325,6 +465,45 @@ func (u *Uplink) Run(ctx context.Context) error {
 		case <-t.C:
 		}
 	}
+}
+
+// judgeRefusal looks at a connection that ended. When it was up and sent
+// events but none of its messages was acknowledged, the cloud may be
+// refusing its first events message by dropping the connection (or by never
+// answering it); a connection edged ended itself says nothing about that.
+// Then a batch is sent in halves on the next connections, to
+// single out the event; an event that still gets no PUBACK when sent alone
+// on refuseAfter connections in a row is given up (counted, logged,
+// released), so a drain can never turn into a reconnect loop.
+func (u *Uplink) judgeRefusal(s *session, up time.Duration, err error) {
+	r := &u.refusal
+	if up == 0 || s.firstCount == 0 {
+		return
+	}
+	if u.pubacked == s.startPubacked && !endedByCloud(err) {
+		return // edged ended it (a store that cannot take a grant): no verdict
+	}
+	if u.pubacked != s.startPubacked {
+		if r.capEvents > 0 && u.pubacked >= r.capUntil {
+			r.capEvents, r.capUntil = 0, 0
+		}
+		if u.pubacked >= r.head {
+			r.head, r.fails = 0, 0
+		}
+		return
+	}
+	if s.firstCount > 1 {
+		r.capEvents, r.capUntil = s.firstCount/2, s.firstLast
+		u.log.Warn("no message of the connection was acknowledged: sending the batch in halves",
+			"from_seq", s.firstHead, "events", r.capEvents)
+		return
+	}
+	if r.head == s.firstHead {
+		r.fails++
+	} else {
+		r.head, r.fails = s.firstHead, 1
+	}
+	u.log.Warn("no message of the connection was acknowledged", "first_seq", s.firstHead, "times", r.fails)
 }
 
 // stableAfter is how long a connection must last for the backoff to start
@@ -389,14 +568,17 @@ type acker struct {
 	u       *Uplink
 	mu      sync.Mutex
 	pending []uint64
-	// held counts events PUBACKed but not yet released from the outbox,
-	// queued or in a release commit. They count against the window: a
-	// crash resends them, so the window bounds what a crash repeats.
+	// pendingMsgs is how many messages the pending seqs came in.
+	pendingMsgs int
+	// held counts messages PUBACKed whose events the outbox has not yet
+	// released, queued or in a release commit. They count against the
+	// window: a crash resends them, so the window bounds what a crash
+	// repeats.
 	held int
 	wake chan struct{}
 }
 
-// unreleased is how many PUBACKed events the outbox still holds.
+// unreleased is how many PUBACKed messages the outbox still holds events of.
 func (a *acker) unreleased() int {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -407,11 +589,13 @@ func newAcker(u *Uplink) *acker {
 	return &acker{u: u, wake: make(chan struct{}, 1)}
 }
 
-// add queues seqs for release; it never blocks.
-func (a *acker) add(seqs ...uint64) {
+// add queues the seqs of msgs PUBACKed messages for release; it never
+// blocks.
+func (a *acker) add(msgs int, seqs ...uint64) {
 	a.mu.Lock()
 	a.pending = append(a.pending, seqs...)
-	a.held += len(seqs)
+	a.pendingMsgs += msgs
+	a.held += msgs
 	a.mu.Unlock()
 	select {
 	case a.wake <- struct{}{}:
@@ -450,8 +634,8 @@ func (a *acker) run(ctx context.Context) {
 
 func (a *acker) flush(ctx context.Context) error {
 	a.mu.Lock()
-	seqs := a.pending
-	a.pending = nil
+	seqs, msgs := a.pending, a.pendingMsgs
+	a.pending, a.pendingMsgs = nil, 0
 	a.mu.Unlock()
 	if len(seqs) == 0 {
 		return nil
@@ -459,11 +643,12 @@ func (a *acker) flush(ctx context.Context) error {
 	if err := a.u.cfg.Outbox.Ack(ctx, seqs...); err != nil {
 		a.mu.Lock()
 		a.pending = append(seqs, a.pending...)
+		a.pendingMsgs += msgs
 		a.mu.Unlock()
 		return err
 	}
 	a.mu.Lock()
-	a.held -= len(seqs)
+	a.held -= msgs
 	a.mu.Unlock()
 	a.u.kickSession()
 	max := uint64(0)

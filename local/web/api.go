@@ -173,6 +173,14 @@ type UplinkView struct {
 	LastAckedSeq   uint64     `json:"last_acked_seq"`
 	Reconnects     int        `json:"reconnects"`
 	LastError      string     `json:"last_error,omitempty"`
+	// The cloud profile (§3.5) and what went up through it.
+	Profile      string `json:"profile"`
+	Identity     string `json:"identity"`
+	MessagesSent uint64 `json:"messages_sent"`
+	EventsSent   uint64 `json:"events_sent"`
+	Batches      uint64 `json:"batches"`
+	PacingWaits  uint64 `json:"pacing_waits"`
+	Refused      uint64 `json:"refused"`
 }
 
 // DeviceCounts is the "devices" of /api/v1/status.
@@ -310,6 +318,8 @@ func (s *Server) status() StatusView {
 			Outbox: OutboxView{Events: u.Outbox.Events, Bytes: u.Outbox.Bytes,
 				OldestAgeS: u.Outbox.OldestAgeS, Dropped: u.Outbox.Dropped},
 			LastAckedSeq: u.LastAckedSeq, Reconnects: u.Reconnects, LastError: u.LastError,
+			Profile: u.Profile, Identity: u.Identity, MessagesSent: u.MessagesSent, EventsSent: u.EventsSent,
+			Batches: u.Batches, PacingWaits: u.PacingWaits, Refused: u.Refused,
 		},
 		Devices:          countDevices(s.cfg.Station.DeviceStates()),
 		Buses:            []BusView{},

@@ -56,6 +56,12 @@ var (
 	mUplinkReconnects = desc("uplink_reconnects_total", "Uplink connections made after the first.")
 	mUplinkConnects   = desc("uplink_connects_total", "Uplink connections made, the first included.")
 	mUplinkAcked      = desc("uplink_last_acked_seq", "Highest event seq acknowledged by the cloud.")
+	mUplinkProfile    = desc("uplink_profile", "Always 1; the cloud profile as a label.", "profile")
+	mUplinkMessages   = desc("uplink_messages_sent_total", "PUBLISH packets sent to the cloud, resends included.")
+	mUplinkEvents     = desc("uplink_events_sent_total", "Events sent to the cloud, resends included.")
+	mUplinkBatches    = desc("uplink_batches_total", "Event messages sent as batches (batch_events > 1).")
+	mUplinkWaits      = desc("uplink_pacing_waits_total", "Publishes held back by uplink.max_publish_rate.")
+	mUplinkRefused    = desc("uplink_refused_total", "Events the cloud could not take: over max_message_kb, or refused; released unsent.")
 
 	mRentalsActive  = desc("rentals_active", "Rentals starting or running.")
 	mRentalsStarted = desc("rentals_started_total", "Rentals started since edged started.")
@@ -88,6 +94,7 @@ func (c stationCollector) Describe(ch chan<- *prometheus.Desc) {
 		mBrokerAuthFail, mACLDenials, mBadInput, mThrottled, mHTTPAuthFail,
 		mOutboxEvents, mOutboxBytes, mOutboxOldest, mOutboxDropped, mEventsLastSeq,
 		mUplinkState, mUplinkReconnects, mUplinkConnects, mUplinkAcked,
+		mUplinkProfile, mUplinkMessages, mUplinkEvents, mUplinkBatches, mUplinkWaits, mUplinkRefused,
 		mRentalsActive, mRentalsStarted, mRentalsEnded, mRentalResults, mCommandResults, mUnrentedUse,
 		mBusPortOpen, mBusOpens, mBusPortErrors, mBusRequests, mBusTimeouts, mBusCRCErrors,
 		mBusFrameErrors, mBusExceptions, mBusFailedPolls, mBusDevOnline} {
@@ -152,6 +159,14 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(mUplinkReconnects, float64(u.Reconnects))
 	counter(mUplinkConnects, float64(u.Connects))
 	gauge(mUplinkAcked, float64(u.LastAckedSeq))
+	if u.Profile != "" {
+		gauge(mUplinkProfile, 1, u.Profile)
+	}
+	counter(mUplinkMessages, float64(u.MessagesSent))
+	counter(mUplinkEvents, float64(u.EventsSent))
+	counter(mUplinkBatches, float64(u.Batches))
+	counter(mUplinkWaits, float64(u.PacingWaits))
+	counter(mUplinkRefused, float64(u.Refused))
 
 	gauge(mRentalsActive, float64(len(s.cfg.Station.ActiveRentals())))
 	st := s.cfg.Station.Stats()

@@ -21,6 +21,13 @@ type UplinkStatus struct {
 	// Connects counts every connection made, the first included.
 	Connects  int
 	LastError string
+	// Profile is the cloud profile (generic, aws, aliyun) and Identity
+	// who the station is there (never a secret).
+	Profile, Identity string
+	// MessagesSent, EventsSent and Batches count what went up; PacingWaits
+	// publishes held back by the rate; Refused events the cloud could not
+	// take.
+	MessagesSent, EventsSent, Batches, PacingWaits, Refused uint64
 }
 
 // BusHealth is an RS-485 bus's figures, mirroring serial.BusHealth with the

@@ -94,6 +94,11 @@
     text($('#outbox-bytes'), fmtBytes(ob.bytes));
     text($('#outbox-oldest'), ob.events ? fmtDur(ob.oldest_age_s) : '–');
     text($('#outbox-dropped'), ob.dropped);
+    text($('#uplink-profile'), u.profile ? u.profile + (u.identity ? ' · ' + u.identity : '') : '–');
+    text($('#uplink-sent'), (u.events_sent || 0) + ' events in ' + (u.messages_sent || 0) + ' messages' +
+      (u.batches ? ', ' + u.batches + ' batches' : '') + (u.pacing_waits ? ', ' + u.pacing_waits + ' paced' : ''));
+    $('#uplink-refused-row').hidden = !u.refused;
+    text($('#uplink-refused'), u.refused || 0);
     const qBad = ob.events >= QUEUE_BAD_EVENTS || ob.oldest_age_s >= QUEUE_BAD_AGE;
     const qWarn = ob.events >= QUEUE_WARN_EVENTS || ob.oldest_age_s >= QUEUE_WARN_AGE || ob.dropped > 0;
     const card = $('#uplink-card');
