@@ -256,6 +256,8 @@ func (s *secrets) check(ctx context.Context, id string, password []byte) error {
 		return err
 	case <-ctx.Done():
 		return errAuthBusy
+	case <-s.stop:
+		return errAuthBusy
 	}
 }
 
