@@ -358,3 +358,59 @@ func TestFloodDoesNotDelayVerifiedDevice(t *testing.T) {
 		t.Errorf("%d wrong secrets accepted", accepted.Load())
 	}
 }
+
+// A device that stops reading fills its queue of pending writes; mochi
+// drops the commands past it, and the broker logs that it did.
+func TestDroppedCommandLogged(t *testing.T) {
+	e := start(t, nil)
+	conn, err := net.DialTimeout("tcp", e.addr, testWaitPeriod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var buf bytes.Buffer
+	connect := packets.Packet{
+		FixedHeader:     packets.FixedHeader{Type: packets.Connect},
+		ProtocolVersion: 4,
+		Connect: packets.ConnectParams{
+			ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 120,
+			ClientIdentifier: "dev-a", UsernameFlag: true, Username: []byte("dev-a"),
+			PasswordFlag: true, Password: []byte(secretA),
+		},
+	}
+	if err := connect.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	sub := packets.Packet{
+		FixedHeader:     packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
+		ProtocolVersion: 4,
+		PacketID:        1,
+		Filters:         packets.Subscriptions{{Filter: "devices/dev-a/commands", Qos: 0}},
+	}
+	if err := sub.SubscribeEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.SetDeadline(time.Now().Add(testWaitPeriod))
+	if _, err := conn.Write(buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	acks := make([]byte, 4+5) // CONNACK, SUBACK
+	if _, err := io.ReadFull(conn, acks); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "subscribed", func() bool { return e.b.subscribed("dev-a") })
+	// The device reads nothing more: the socket's buffers fill, then the
+	// queue of pending writes.
+	payload := bytes.Repeat([]byte("x"), 60<<10)
+	for i := 0; i < 1000 && atomic.LoadInt64(&e.b.srv.Info.MessagesDropped) == 0; i++ {
+		if err := e.b.publishCommand("dev-a", payload); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if atomic.LoadInt64(&e.b.srv.Info.MessagesDropped) == 0 {
+		t.Fatal("no command dropped: the queue never filled")
+	}
+	if !strings.Contains(e.logs.String(), "command dropped") {
+		t.Error("dropped command not logged")
+	}
+}

@@ -37,6 +37,7 @@ var provided = []byte{
 	mqtt.OnPacketRead,
 	mqtt.OnWill,
 	mqtt.OnWillSent,
+	mqtt.OnPublishDropped,
 }
 
 func (h *hook) Provides(b byte) bool { return bytes.IndexByte(provided, b) >= 0 }
@@ -304,6 +305,17 @@ func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	b.messagesIn.Add(1)
+}
+
+// OnPublishDropped logs a command mochi dropped because the device's queue
+// of pending writes (clientWritesPending) was full: Send had already
+// returned success. The station resends start and stop until the device
+// acknowledges them, so the command is late, not lost.
+func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	h.b.warn("dropped", "command dropped: device's write queue full", "device", cl.ID, "topic", clip(pk.TopicName))
 }
 
 // clip bounds a client-chosen string before it is logged.
