@@ -88,9 +88,10 @@ type secrets struct {
 	// turn holds a token while a bcrypt of the device is queued or runs.
 	turn map[string]chan struct{}
 
-	saveMu sync.Mutex // serializes writes of the file
-	dirty  chan struct{}
-	saver  sync.WaitGroup
+	saveMu  sync.Mutex // serializes writes of the file
+	dirty   chan struct{}
+	unsaved atomic.Bool // a verifier changed since the last write
+	saver   sync.WaitGroup
 }
 
 type wrongSecret struct {
@@ -154,7 +155,9 @@ func (s *secrets) close() {
 		close(s.stop)
 		s.workers.Wait()
 		s.saver.Wait()
-		s.save()
+		if s.unsaved.Load() {
+			s.save()
+		}
 	})
 }
 
@@ -324,6 +327,7 @@ func (s *secrets) run(j *bcryptJob) {
 }
 
 func (s *secrets) markDirty() {
+	s.unsaved.Store(true)
 	select {
 	case s.dirty <- struct{}{}:
 	default:
@@ -421,6 +425,7 @@ func (s *secrets) save() {
 	}
 	s.saveMu.Lock()
 	defer s.saveMu.Unlock()
+	s.unsaved.Store(false) // a change from now on is written again
 	var buf bytes.Buffer
 	fmt.Fprintf(&buf, "%s\nkey %x\n", verifierMagic, s.key)
 	s.mu.RLock()
@@ -431,6 +436,7 @@ func (s *secrets) save() {
 	sum := sha256.Sum256(buf.Bytes())
 	fmt.Fprintf(&buf, "sum %x\n", sum)
 	if err := writeFileSync(s.path, buf.Bytes()); err != nil {
+		s.unsaved.Store(true) // tried again at the next change or close
 		s.log.Warn("login verifiers not saved", "path", s.path, "err", err)
 	}
 }
