@@ -414,3 +414,23 @@ func TestDroppedCommandLogged(t *testing.T) {
 		t.Error("dropped command not logged")
 	}
 }
+
+// A verifier reaches the file soon after it is made, without a clean
+// close: a power cut a few seconds after the storm keeps the fast logins.
+func TestVerifiersSavedWithoutClose(t *testing.T) {
+	a, _ := hashes(t)
+	dir := t.TempDir()
+	s, _ := testSecrets(t, dir, map[string][]byte{"dev-a": []byte(a)})
+	if err := s.check(context.Background(), "dev-a", []byte(secretA)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "verifier written", func() bool {
+		data, _ := os.ReadFile(filepath.Join(dir, VerifierFile))
+		return bytes.Contains(data, []byte("\ndev-a "))
+	})
+	// A second process reads the file while the first never closed.
+	s2, _ := testSecrets(t, dir, map[string][]byte{"dev-a": []byte(a)})
+	if err := s2.check(context.Background(), "dev-a", []byte(secretA)); err != nil || s2.bcrypts.Load() != 0 {
+		t.Errorf("after a crash: err %v, %d bcrypts, want none", err, s2.bcrypts.Load())
+	}
+}
