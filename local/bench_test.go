@@ -131,12 +131,12 @@ func BenchmarkIngest(b *testing.B) {
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
 }
 
-// BenchmarkIdleClientHeap connects 200 devices over raw sockets (so no
+// BenchmarkIdleClientHeap connects 500 devices over raw sockets (so no
 // client library shares the heap) and reports the broker's heap and stack
 // per idle connected device. The figure includes the test's own end of
 // each socket (a few hundred bytes).
 func BenchmarkIdleClientHeap(b *testing.B) {
-	const clients = 200
+	const clients = 500
 	// The figure does not depend on b.N: measure once, report every run.
 	idleOnce.Do(func() {
 		br, ids := benchBroker(b, clients, &countingReporter{})

@@ -5,9 +5,13 @@
 // password = its secret, checked with bcrypt. A refused CONNECT (unknown
 // device, wrong secret, other client id, a will on a foreign topic) gets
 // CONNACK "not authorized" (5 in 3.1.1, 0x87 in 5), is counted and logged
-// with the device id and remote address, never the secret. Verified and
-// refused secrets are remembered (as SHA-256) for a while and bcrypt runs
-// on at most half the cores, so reconnect storms and floods stay cheap.
+// with the device id and remote address, never the secret. Once bcrypt has
+// accepted a device's secret, the device's later logins are checked with a
+// keyed HMAC kept in Config.DataDir (microseconds, also after a restart);
+// refused secrets are remembered for a minute; bcrypt runs on at most half
+// the cores, one at a time per device, on worker goroutines. So reconnect
+// storms are quick and floods of wrong secrets stay cheap and cannot delay
+// a device whose secret is already verified.
 //
 // A device may publish only on its five up topics and subscribe only to
 // devices/D/commands. What it publishes is checked with the domain's
@@ -92,6 +96,10 @@ const (
 	// the journal.
 	authLogWindow = 10 * time.Second
 	authLogBurst  = 10
+	// Per-client buffers sized for the contract's small messages; see New.
+	clientWritesPending = 32
+	clientReadBuffer    = 512
+	clientWriteBuffer   = 1024
 )
 
 // Config configures a Broker.
@@ -123,6 +131,10 @@ type Config struct {
 	Reporter edged.DeviceReporter
 	// Logger is the subsystem's logger (nil: discard).
 	Logger *slog.Logger
+	// DataDir is where the broker keeps its login verifiers (the file
+	// VerifierFile, mode 0600), so devices log in without bcrypt after a
+	// restart. Empty: kept in memory only.
+	DataDir string
 }
 
 // Stats are the broker's counters since New.
@@ -234,9 +246,13 @@ func New(cfg Config) (*Broker, error) {
 
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = uint32(cfg.MaxPacketKB) << 10
-	// 256 pending writes per client instead of 8192: ~6.5 KiB of heap per
-	// connected device instead of ~69 KiB.
-	caps.MaximumClientWritesPending = 256
+	// A device is sent only commands (its PUBACKs and SUBACKs are written
+	// directly, not queued), a few at a time: 32 pending writes per client
+	// instead of 8192 keep a channel of 256 bytes per device instead of
+	// 64 KiB. A command that overflows it is dropped by mochi (logged as a
+	// dropped message, Send still succeeds); the station resends start and
+	// stop until the device acknowledges them, so none is lost for good.
+	caps.MaximumClientWritesPending = clientWritesPending
 	// A command queued for a device that went away is stale after five
 	// minutes: the station resends what matters when the device returns.
 	caps.MaximumMessageExpiryInterval = 300
@@ -257,7 +273,7 @@ func New(cfg Config) (*Broker, error) {
 		log:      log,
 		reporter: cfg.Reporter,
 		devices:  devices,
-		secrets:  newSecrets(hashes, max(1, runtime.NumCPU()/2)),
+		secrets:  newSecrets(hashes, max(1, runtime.NumCPU()/2), cfg.DataDir, log),
 		ctx:      ctx,
 		cancel:   cancel,
 		lastWarn: make(map[string]time.Time),
@@ -269,8 +285,15 @@ func New(cfg Config) (*Broker, error) {
 		InlineClient:           true,
 		Logger:                 slog.New(mochiHandler{log.Handler()}).With("component", "mochi"),
 		SysTopicResendInterval: 3600, // nobody may read $SYS: spare the per-second ReadMemStats
+		// Device messages are small (commands under 1 KiB, state and
+		// events a few hundred bytes): a larger packet is still read
+		// whole, past the buffer. The read buffer is allocated per
+		// client; the write size only decides when queued writes flush.
+		ClientNetReadBufferSize:  clientReadBuffer,
+		ClientNetWriteBufferSize: clientWriteBuffer,
 	})
 	if err := b.srv.AddHook(&hook{b: b}, nil); err != nil {
+		b.secrets.close()
 		cancel()
 		return nil, fmt.Errorf("local: add hook: %w", err)
 	}
@@ -402,9 +425,40 @@ func (b *Broker) Close() error {
 		}
 		b.cancel()
 	})
+	b.secrets.close()
 	b.authLog.close()
 	b.inputLog.close()
 	return nil
+}
+
+// SetSecrets replaces the devices' secret hashes (device id -> bcrypt
+// hash) for the devices the broker was built with; a device left out can
+// no longer log in. A device whose hash changed needs bcrypt again: its
+// verifier covered the old hash.
+func (b *Broker) SetSecrets(hashes map[string]string) error {
+	next := make(map[string][]byte, len(hashes))
+	for id, h := range hashes {
+		if _, ok := b.devices[id]; !ok {
+			return fmt.Errorf("local: set secrets: unknown mqtt device %q", id)
+		}
+		if _, err := bcrypt.Cost([]byte(h)); err != nil {
+			return fmt.Errorf("local: set secrets: device %q: secret_hash is not a bcrypt hash", id)
+		}
+		next[id] = []byte(h)
+	}
+	b.secrets.setHashes(next)
+	return nil
+}
+
+// offload runs a report to the station on a goroutine of its own and waits
+// for it: the station's commit path is deep, and run on mochi's client
+// goroutine it would leave that goroutine's stack grown for as long as
+// the device stays connected. Waiting keeps the order of the device's
+// messages and the PUBACK after the report.
+func offload(f func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- f() }()
+	return <-done
 }
 
 // Stats returns the broker's counters.

@@ -667,37 +667,6 @@ func TestCloseWithSilentConnection(t *testing.T) {
 	}
 }
 
-func TestSecretsCache(t *testing.T) {
-	a, _ := hashes(t)
-	s := newSecrets(map[string][]byte{"dev-a": []byte(a)}, 1)
-	ctx := context.Background()
-	if err := s.check(ctx, "dev-a", []byte("nope")); !errors.Is(err, errWrongSecret) {
-		t.Fatalf("wrong secret: %v", err)
-	}
-	if len(s.cache) != 0 {
-		t.Fatal("a wrong secret was cached as right")
-	}
-	if err := s.check(ctx, "dev-a", []byte(secretA)); err != nil {
-		t.Fatal(err)
-	}
-	// With the hash made unusable, only the cache can say yes.
-	s.hashes["dev-a"] = []byte("$2a$04$invalidinvalidinvalidinvalidinvalidinvalidinvalidinva")
-	if err := s.check(ctx, "dev-a", []byte(secretA)); err != nil {
-		t.Errorf("cached secret: %v", err)
-	}
-	if err := s.check(ctx, "dev-a", []byte("nope")); err == nil {
-		t.Error("cache let a wrong secret in")
-	}
-	now := time.Now()
-	s.now = func() time.Time { return now.Add(authCacheTTL + time.Second) }
-	if err := s.check(ctx, "dev-a", []byte(secretA)); err == nil {
-		t.Error("expired cache entry still used")
-	}
-	if err := s.check(ctx, "dev-zz", []byte(secretA)); !errors.Is(err, errUnknownDevice) {
-		t.Errorf("unknown device: %v", err)
-	}
-}
-
 func TestNewRejectsBadConfig(t *testing.T) {
 	a, _ := hashes(t)
 	rep := &fakeReporter{}

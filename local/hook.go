@@ -37,6 +37,7 @@ var provided = []byte{
 	mqtt.OnPacketRead,
 	mqtt.OnWill,
 	mqtt.OnWillSent,
+	mqtt.OnPublishDropped,
 }
 
 func (h *hook) Provides(b byte) bool { return bytes.IndexByte(provided, b) >= 0 }
@@ -172,7 +173,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		return pk, refusal(v5, qos, packets.ErrPayloadFormatInvalid)
 	}
 	ctx, cancel := context.WithTimeout(b.ctx, reportTimeout)
-	err = rep(ctx, b.reporter, cl.ID)
+	err = offload(func() error { return rep(ctx, b.reporter, cl.ID) })
 	cancel()
 	if err != nil {
 		if edged.ErrorCode(err) == edged.EINVALID {
@@ -234,7 +235,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	b.log.Info("device connected", "device", cl.ID, "remote", cl.Net.Remote, "mqtt", cl.Properties.ProtocolVersion)
 	ctx, cancel := context.WithTimeout(b.ctx, reportTimeout)
 	defer cancel()
-	if err := b.reporter.DeviceOnline(ctx, cl.ID, true); err != nil {
+	if err := offload(func() error { return b.reporter.DeviceOnline(ctx, cl.ID, true) }); err != nil {
 		b.log.Error("report device online", "device", cl.ID, "err", err)
 	}
 }
@@ -260,7 +261,7 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	b.log.Info("device disconnected", "device", cl.ID, "remote", cl.Net.Remote, "err", err)
 	ctx, cancel := context.WithTimeout(b.ctx, reportTimeout)
 	defer cancel()
-	if rerr := b.reporter.DeviceOnline(ctx, cl.ID, false); rerr != nil {
+	if rerr := offload(func() error { return b.reporter.DeviceOnline(ctx, cl.ID, false) }); rerr != nil {
 		b.log.Error("report device offline", "device", cl.ID, "err", rerr)
 	}
 }
@@ -299,11 +300,22 @@ func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	}
 	ctx, cancel := context.WithTimeout(b.ctx, reportTimeout)
 	defer cancel()
-	if err := rep(ctx, b.reporter, cl.ID); err != nil {
+	if err := offload(func() error { return rep(ctx, b.reporter, cl.ID) }); err != nil {
 		b.log.Error("report device will", "device", cl.ID, "topic", pk.TopicName, "err", err)
 		return
 	}
 	b.messagesIn.Add(1)
+}
+
+// OnPublishDropped logs a command mochi dropped because the device's queue
+// of pending writes (clientWritesPending) was full: Send had already
+// returned success. The station resends start and stop until the device
+// acknowledges them, so the command is late, not lost.
+func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
+	if cl.Net.Inline {
+		return
+	}
+	h.b.warn("dropped", "command dropped: device's write queue full", "device", cl.ID, "topic", clip(pk.TopicName))
 }
 
 // clip bounds a client-chosen string before it is logged.
