@@ -105,7 +105,7 @@ func (m *Main) Run(ctx context.Context) error {
 		MaxPacketKB: cfg.Local.MaxPacketKB, MaxClients: cfg.Local.MaxClients,
 		MaxPublishRate: cfg.Local.MaxPublishRate,
 		Devices:        cfg.Devices, Reporter: st, Logger: log.With("system", "local"),
-		DataDir:        cfg.DataDir, // login verifiers, so a restart costs no bcrypt per device
+		DataDir: cfg.DataDir, // login verifiers, so a restart costs no bcrypt per device
 	})
 	if err != nil {
 		return fmt.Errorf("local broker: %w", err)
