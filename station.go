@@ -96,8 +96,19 @@ type Station struct {
 	// the device commits it first, so it costs no fsync of its own.
 	stopsDone []StopRecord
 	queued    queuedRecords
-	retryAt   time.Time
-	retryWait time.Duration
+	// owed holds the cloud messages (by result key, "c:" and a cmd_id for
+	// renter commands) answered while the store could not write, whose
+	// caller was told so (EUNAVAILABLE) and still holds them unacknowledged.
+	// Their answer is in the queue already: a retry of the same delivery
+	// adds nothing, and once it is written the retry is acknowledged
+	// without a second answer (one answer per message, §3.1).
+	owed map[string]uint64
+	// deferred counts changes ever queued for the store, written those
+	// written (or dropped) from the queue: the queue's first change is
+	// number written+1.
+	deferred, written uint64
+	retryAt           time.Time
+	retryWait         time.Duration
 }
 
 // maxUnrecorded bounds the changes kept in memory while the store cannot
@@ -757,6 +768,7 @@ func (s *Station) deferLocked(now time.Time, d deferredChange, cause error) {
 		s.queued = queuedRecords{rentals: map[string]Rental{}, commands: map[string]CommandRecord{}, results: map[string]ResultRecord{}}
 	}
 	s.unrecorded = append(s.unrecorded, d)
+	s.deferred++
 	s.unrecordedN.Store(int64(len(s.unrecorded)))
 	for _, r := range d.ch.Rentals {
 		s.queued.rentals[r.ID] = r
@@ -803,6 +815,7 @@ func (s *Station) retryLocked(ctx context.Context, now time.Time) {
 		}
 		s.unrecorded[0] = deferredChange{}
 		s.unrecorded = s.unrecorded[1:]
+		s.written++
 		s.unrecordedN.Store(int64(len(s.unrecorded)))
 	}
 	s.unrecorded = nil
@@ -885,10 +898,17 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 	}
 	// A message answered before is answered the same, whatever happened
 	// since: the rental ended, its not_after passed, edged restarted.
-	prev, err := s.resultLocked(ctx, ResultKey(m.RentalID, m.Op, m.DurationS))
+	key := ResultKey(m.RentalID, m.Op, m.DurationS)
+	prev, err := s.resultLocked(ctx, key)
+	before := s.deferred
 	switch {
 	case err == nil:
-		return s.commitLocked(ctx, now, Change{Events: []Event{s.resultEvent(now, prev)}})
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+		err = s.commitLocked(ctx, now, Change{Events: []Event{s.resultEvent(now, prev)}})
+		s.oweLocked(err, key, before)
+		return err
 	case ErrorCode(err) != ENOTFOUND:
 		return fmt.Errorf("%s: %w", m.Op, err)
 	}
@@ -921,13 +941,51 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 	}
 	switch m.Op {
 	case OpGrant:
-		return s.grantLocked(ctx, now, m, refuse)
+		err = s.grantLocked(ctx, now, m, refuse)
 	case OpExtend:
-		return s.extendLocked(ctx, now, m, refuse)
+		err = s.extendLocked(ctx, now, m, refuse)
 	default:
-		return s.cancelLocked(ctx, now, m, refuse)
+		err = s.cancelLocked(ctx, now, m, refuse)
 	}
+	s.oweLocked(err, key, before)
+	return err
 }
+
+// oweLocked remembers a message whose answer waits for the store: err is
+// EUNAVAILABLE and the call queued changes past before (the deferred count
+// when it began), its answer among them. A retry of the same delivery then
+// adds no second answer.
+func (s *Station) oweLocked(err error, key string, before uint64) {
+	if ErrorCode(err) != EUNAVAILABLE || s.deferred == before {
+		return
+	}
+	if s.owed == nil || len(s.owed) >= maxOwed {
+		// Bounded: past it the promises are forgotten, which costs at most
+		// a repeated identical answer (at-least-once allows it).
+		s.owed = map[string]uint64{}
+	}
+	s.owed[key] = s.deferred
+}
+
+// owedLocked handles a message answered before: when its answer was owed
+// to a delivery still unacknowledged (see Station.owed), it reports retry
+// and what to return, EUNAVAILABLE while the answer waits, nil once it is
+// written; otherwise the caller re-reports the answer.
+func (s *Station) owedLocked(key string) (err error, retry bool) {
+	upTo, ok := s.owed[key]
+	if !ok {
+		return nil, false
+	}
+	if s.written < upTo {
+		return errUnrecorded(len(s.unrecorded)), true
+	}
+	delete(s.owed, key)
+	return nil, true
+}
+
+// maxOwed bounds Station.owed: a cloud that never redelivers would
+// otherwise grow it for as long as the store cannot write.
+const maxOwed = 10000
 
 func truncate(s string) string {
 	if len(s) > 128 {
@@ -1162,7 +1220,7 @@ func (s *Station) cancelStartLocked(ctx context.Context, now time.Time, l *liveR
 // forwarded to the device only while its renter holds the device's active
 // rental; action "end" ends the rental. Every command gets a
 // command.result, now or when the device answers.
-func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
+func (s *Station) RenterCommand(ctx context.Context, payload []byte) (rerr error) {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	c, perr := ParseRenterCommand(payload)
 	s.mu.Lock()
@@ -1177,6 +1235,14 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 		return s.finishRenterLocked(ctx, now, p, false, ReasonInvalid, "")
 	}
 	prev, err := s.commandLocked(ctx, c.CmdID)
+	key := "c:" + c.CmdID
+	if err == nil && prev.Done {
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+	}
+	before := s.deferred
+	defer func() { s.oweLocked(rerr, key, before) }()
 	switch {
 	case err == nil && prev.Done:
 		return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventCommandResult, CommandResultData{

@@ -647,12 +647,83 @@ func TestStoreFailureIsNotAcknowledged(t *testing.T) {
 	// and a redelivery gets the same answer; a new grant starts.
 	h.store.setFail(nil)
 	seq := h.lastSeq()
-	h.rental(grant("r1", "chair-1", "a", 60))
-	if got := results(h.since(seq)); strings.Join(got, " ") != "unavailable unavailable" {
-		t.Fatalf("after recovery: results %v, want the deferred unavailable and its re-report", got)
+	h.rental(grant("r1", "chair-1", "a", 60)) // the uplink's retry: acknowledged now
+	if got := results(h.since(seq)); strings.Join(got, " ") != "unavailable" {
+		t.Fatalf("after recovery: results %v, want the deferred unavailable alone", got)
+	}
+	seq = h.lastSeq()
+	h.rental(grant("r1", "chair-1", "a", 60)) // a redelivery after the ack
+	if got := results(h.since(seq)); strings.Join(got, " ") != "unavailable" {
+		t.Fatalf("redelivery: results %v, want the same answer re-reported", got)
 	}
 	h.rental(grant("r2", "chair-1", "a", 60))
 	h.ack("chair-1", "start", true)
+}
+
+// The uplink retries a message the store could not take (it holds it
+// unacknowledged): each retry during the outage, and the one after the
+// store recovered, adds no answer to the one already waiting, so the cloud
+// sees one result per message. A redelivery of a message whose re-report
+// waits is treated the same.
+func TestRetriesWhileStoreCannotWriteAnswerOnce(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r0", "chair-1", "a", 60))
+	h.ack("chair-1", "start", true)
+	seq := h.lastSeq()
+	h.store.setFail(edged.Errorf(edged.EUNAVAILABLE, "disk full"))
+	try := func(op string, b []byte) {
+		t.Helper()
+		var err error
+		if op == "command" {
+			err = h.st.RenterCommand(ctx, b)
+		} else {
+			err = h.st.Rental(ctx, b)
+		}
+		if edged.ErrorCode(err) != edged.EUNAVAILABLE {
+			t.Fatalf("%s while the store cannot write: %v, want EUNAVAILABLE", op, err)
+		}
+	}
+	g1, _ := json.Marshal(grant("r1", "chair-1", "b", 60))
+	again, _ := json.Marshal(grant("r0", "chair-1", "a", 60)) // answered before the outage
+	cmd, _ := json.Marshal(map[string]any{"cmd_id": "c1", "device_id": "chair-1", "renter_id": "a", "action": "end"})
+	for range 3 {
+		try("grant", g1)
+		try("grant", again)
+		try("command", cmd)
+		h.tick(time.Second) // the station retries its queue meanwhile
+	}
+	h.store.setFail(nil)
+	for _, m := range []struct {
+		op string
+		b  []byte
+	}{{"grant", g1}, {"grant", again}, {"command", cmd}} {
+		var err error
+		if m.op == "command" {
+			err = h.st.RenterCommand(ctx, m.b)
+		} else {
+			err = h.st.Rental(ctx, m.b)
+		}
+		if err != nil {
+			t.Fatalf("%s retried after the store recovered: %v", m.op, err)
+		}
+	}
+	var got []string
+	for _, e := range h.since(seq) {
+		if e.Type == edged.EventRentalResult || e.Type == edged.EventCommandResult {
+			id, reason := e.Data["rental_id"], e.Data["reason"]
+			if id == nil {
+				id = e.Data["cmd_id"]
+			}
+			if reason == nil {
+				reason = "ok"
+			}
+			got = append(got, fmt.Sprintf("%v:%v", id, reason))
+		}
+	}
+	if want := "r1:device_busy r0:ok c1:unavailable"; strings.Join(got, " ") != want {
+		t.Fatalf("results %v, want %s: one answer per message", got, want)
+	}
 }
 
 func TestFullStoreStillStopsAtTheEnd(t *testing.T) {
