@@ -98,10 +98,10 @@ type Station struct {
 	queued    queuedRecords
 	// owed holds the cloud messages (by result key, "c:" and a cmd_id for
 	// renter commands) answered while the store could not write, whose
-	// caller was told so (EUNAVAILABLE) and still holds them unacknowledged.
-	// Their answer is in the queue already: a retry of the same delivery
-	// adds nothing, and once it is written the retry is acknowledged
-	// without a second answer (one answer per message, §3.1).
+	// caller was told so (EUNAVAILABLE) and holds them unacknowledged, with
+	// the deferred count that covers their answer. While that answer waits,
+	// a retry of the same delivery adds nothing, so an outage does not
+	// multiply identical results (one answer per message, §3.1).
 	owed map[string]uint64
 	// deferred counts changes ever queued for the store, written those
 	// written (or dropped) from the queue: the queue's first change is
@@ -967,10 +967,11 @@ func (s *Station) oweLocked(err error, key string, before uint64) {
 	s.owed[key] = s.deferred
 }
 
-// owedLocked handles a message answered before: when its answer was owed
-// to a delivery still unacknowledged (see Station.owed), it reports retry
-// and what to return, EUNAVAILABLE while the answer waits, nil once it is
-// written; otherwise the caller re-reports the answer.
+// owedLocked reports whether a message answered before is a retry of a
+// delivery whose answer still waits for the store (see Station.owed): it
+// then gets EUNAVAILABLE again and adds nothing. Once that answer is
+// written, the message is re-reported like any redelivery, so the call
+// that is acknowledged has its answer durable.
 func (s *Station) owedLocked(key string) (err error, retry bool) {
 	upTo, ok := s.owed[key]
 	if !ok {
@@ -980,7 +981,7 @@ func (s *Station) owedLocked(key string) (err error, retry bool) {
 		return errUnrecorded(len(s.unrecorded)), true
 	}
 	delete(s.owed, key)
-	return nil, true
+	return nil, false
 }
 
 // maxOwed bounds Station.owed: a cloud that never redelivers would
