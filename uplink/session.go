@@ -786,10 +786,18 @@ func (s *session) onMessage(_ mqtt.Client, m mqtt.Message) {
 
 // handleDown gives messages from the cloud to the station one at a time,
 // in arrival order. It acknowledges a message only once the station
-// returned nil, that is once it is durable. On an error it leaves it (and
-// every later message of this connection) unacknowledged and ends the
-// session: the broker redelivers them, in order, on the next connection
-// (the session is persistent, CleanSession=false).
+// returned nil, that is once it is durable.
+//
+// When the station cannot store it now (EUNAVAILABLE: the disk is full)
+// the connection is kept: the message is held unacknowledged and handed to
+// the station again with backoff (downRetryFirst doubling to
+// downRetryMax) until it is stored, and every later message of the
+// connection waits behind it, so they are handled and acknowledged in
+// order. Dropping the link instead would cost the outage a reconnect loop
+// and every device state meanwhile. On any other error it leaves the
+// message (and every later one of this connection) unacknowledged and
+// ends the session: the broker redelivers them, in order, on the next
+// connection (the session is persistent, CleanSession=false).
 func (s *session) handleDown() {
 	h := s.u.cfg.Handler
 	for {
@@ -802,18 +810,32 @@ func (s *session) handleDown() {
 		if s.failed.Load() {
 			continue
 		}
-		var err error
+		var handle func(context.Context, []byte) error
 		switch m.Topic() {
 		case s.u.topics.downRentals:
-			err = h.Rental(s.ctx, m.Payload())
+			handle = h.Rental
 		case s.u.topics.downCommands:
-			err = h.RenterCommand(s.ctx, m.Payload())
+			handle = h.RenterCommand
 		default:
 			// Not ours (a stale subscription of this client id): drop it,
 			// or the broker would redeliver it forever.
 			s.u.log.Warn("message on unexpected topic dropped", "topic", m.Topic())
 			m.Ack()
 			continue
+		}
+		err := handle(s.ctx, m.Payload())
+		for wait := downRetryFirst; err != nil && edged.ErrorCode(err) == edged.EUNAVAILABLE; wait = min(2*wait, downRetryMax) {
+			s.u.sent.downHeld.Add(1)
+			s.u.log.Warn("cloud message not stored, held and retried", "topic", m.Topic(), "retry_in", wait, "err", err)
+			s.u.setError(fmt.Errorf("%s not stored, held for retry: %w", m.Topic(), err))
+			t := time.NewTimer(wait)
+			select {
+			case <-s.ctx.Done():
+				t.Stop()
+				return // unacknowledged: redelivered on the next connection
+			case <-t.C:
+			}
+			err = handle(s.ctx, m.Payload())
 		}
 		if err != nil {
 			s.failed.Store(true)
@@ -823,6 +845,12 @@ func (s *session) handleDown() {
 		m.Ack()
 	}
 }
+
+// Retry delays for a down message the station cannot store now.
+var (
+	downRetryFirst = time.Second
+	downRetryMax   = 30 * time.Second
+)
 
 // wait is the package's wait that also ends when the session is lost.
 func (s *session) wait(ctx context.Context, tok mqtt.Token, timeout time.Duration) error {
