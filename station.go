@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -96,8 +97,9 @@ type Station struct {
 	// the device commits it first, so it costs no fsync of its own.
 	stopsDone []StopRecord
 	queued    queuedRecords
-	// owed holds the cloud messages (by result key, "c:" and a cmd_id for
-	// renter commands) answered while the store could not write, whose
+	// owed holds the cloud messages (by result key; "c:" and a cmd_id for
+	// renter commands; "p:" and a payload hash for a rental message refused
+	// unread, invalid or badly signed) answered while the store could not write, whose
 	// caller was told so (EUNAVAILABLE) and holds them unacknowledged, with
 	// the deferred count that covers their answer. While that answer waits,
 	// a retry of the same delivery adds nothing, so an outage does not
@@ -882,11 +884,20 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 	s.writableLocked(ctx, now, true)
 	unrecorded := func(reason Reason) error {
 		// Neither the message nor its refusal is recorded: a forged or
-		// garbled message cannot occupy a rental id.
+		// garbled message cannot occupy a rental id. A retry while its
+		// refusal waits for the store is known by its payload.
+		sum := sha256.Sum256(payload)
+		key := "p:" + string(sum[:])
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+		before := s.deferred
 		s.log.Info("rental message refused", "op", truncate(m.Op), "rental", truncate(m.RentalID), "device", truncate(m.DeviceID), "reason", reason)
-		return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+		err := s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 			RentalID: truncate(m.RentalID), DeviceID: truncate(m.DeviceID), Op: truncate(m.Op), OK: false, Reason: reason,
 		})}})
+		s.oweLocked(err, key, before)
+		return err
 	}
 	if perr != nil {
 		return unrecorded(ReasonInvalid)
