@@ -1244,7 +1244,15 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) (rerr error
 	}}
 	if perr != nil {
 		p.cmdID, p.deviceID = truncate(c.CmdID), truncate(c.DeviceID)
-		return s.finishRenterLocked(ctx, now, p, false, ReasonInvalid, "")
+		sum := sha256.Sum256(payload)
+		key := "p:" + string(sum[:])
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+		before := s.deferred
+		err := s.finishRenterLocked(ctx, now, p, false, ReasonInvalid, "")
+		s.oweLocked(err, key, before)
+		return err
 	}
 	prev, err := s.commandLocked(ctx, c.CmdID)
 	key := "c:" + c.CmdID

@@ -684,18 +684,20 @@ func TestRetriesWhileStoreCannotWriteAnswerOnce(t *testing.T) {
 	again, _ := json.Marshal(grant("r0", "chair-1", "a", 60)) // answered before the outage
 	cmd, _ := json.Marshal(map[string]any{"cmd_id": "c1", "device_id": "chair-1", "renter_id": "a", "action": "end"})
 	garbled := []byte(`{"op":"grant","rental_id":"r9"`)
+	garbledCmd := []byte(`{"cmd_id":"c9"`)
 	for range 3 {
 		try("grant", g1)
 		try("grant", again)
 		try("command", cmd)
 		try("grant", garbled)
+		try("command", garbledCmd)
 		h.tick(time.Second) // the station retries its queue meanwhile
 	}
 	h.store.setFail(nil)
 	for _, m := range []struct {
 		op string
 		b  []byte
-	}{{"grant", g1}, {"grant", again}, {"command", cmd}, {"grant", garbled}} {
+	}{{"grant", g1}, {"grant", again}, {"command", cmd}, {"grant", garbled}, {"command", garbledCmd}} {
 		var err error
 		if m.op == "command" {
 			err = h.st.RenterCommand(ctx, m.b)
@@ -719,7 +721,7 @@ func TestRetriesWhileStoreCannotWriteAnswerOnce(t *testing.T) {
 			got = append(got, fmt.Sprintf("%v:%v", id, reason))
 		}
 	}
-	if want := "r1:device_busy r0:ok c1:unavailable :invalid r1:device_busy r0:ok c1:unavailable :invalid"; strings.Join(got, " ") != want {
+	if want := "r1:device_busy r0:ok c1:unavailable :invalid :invalid r1:device_busy r0:ok c1:unavailable :invalid :invalid"; strings.Join(got, " ") != want {
 		t.Fatalf("results %v, want %s: one answer per message during the outage, re-reported once on the acknowledged retry", got, want)
 	}
 }
