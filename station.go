@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -96,8 +97,20 @@ type Station struct {
 	// the device commits it first, so it costs no fsync of its own.
 	stopsDone []StopRecord
 	queued    queuedRecords
-	retryAt   time.Time
-	retryWait time.Duration
+	// owed holds the cloud messages (by result key; "c:" and a cmd_id for
+	// renter commands; "p:" and a payload hash for a rental message refused
+	// unread, invalid or badly signed) answered while the store could not write, whose
+	// caller was told so (EUNAVAILABLE) and holds them unacknowledged, with
+	// the deferred count that covers their answer. While that answer waits,
+	// a retry of the same delivery adds nothing, so an outage does not
+	// multiply identical results (one answer per message, §3.1).
+	owed map[string]uint64
+	// deferred counts changes ever queued for the store, written those
+	// written (or dropped) from the queue: the queue's first change is
+	// number written+1.
+	deferred, written uint64
+	retryAt           time.Time
+	retryWait         time.Duration
 }
 
 // maxUnrecorded bounds the changes kept in memory while the store cannot
@@ -757,6 +770,7 @@ func (s *Station) deferLocked(now time.Time, d deferredChange, cause error) {
 		s.queued = queuedRecords{rentals: map[string]Rental{}, commands: map[string]CommandRecord{}, results: map[string]ResultRecord{}}
 	}
 	s.unrecorded = append(s.unrecorded, d)
+	s.deferred++
 	s.unrecordedN.Store(int64(len(s.unrecorded)))
 	for _, r := range d.ch.Rentals {
 		s.queued.rentals[r.ID] = r
@@ -803,6 +817,7 @@ func (s *Station) retryLocked(ctx context.Context, now time.Time) {
 		}
 		s.unrecorded[0] = deferredChange{}
 		s.unrecorded = s.unrecorded[1:]
+		s.written++
 		s.unrecordedN.Store(int64(len(s.unrecorded)))
 	}
 	s.unrecorded = nil
@@ -869,11 +884,20 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 	s.writableLocked(ctx, now, true)
 	unrecorded := func(reason Reason) error {
 		// Neither the message nor its refusal is recorded: a forged or
-		// garbled message cannot occupy a rental id.
+		// garbled message cannot occupy a rental id. A retry while its
+		// refusal waits for the store is known by its payload.
+		sum := sha256.Sum256(payload)
+		key := "p:" + string(sum[:])
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+		before := s.deferred
 		s.log.Info("rental message refused", "op", truncate(m.Op), "rental", truncate(m.RentalID), "device", truncate(m.DeviceID), "reason", reason)
-		return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+		err := s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 			RentalID: truncate(m.RentalID), DeviceID: truncate(m.DeviceID), Op: truncate(m.Op), OK: false, Reason: reason,
 		})}})
+		s.oweLocked(err, key, before)
+		return err
 	}
 	if perr != nil {
 		return unrecorded(ReasonInvalid)
@@ -885,10 +909,17 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 	}
 	// A message answered before is answered the same, whatever happened
 	// since: the rental ended, its not_after passed, edged restarted.
-	prev, err := s.resultLocked(ctx, ResultKey(m.RentalID, m.Op, m.DurationS))
+	key := ResultKey(m.RentalID, m.Op, m.DurationS)
+	prev, err := s.resultLocked(ctx, key)
+	before := s.deferred
 	switch {
 	case err == nil:
-		return s.commitLocked(ctx, now, Change{Events: []Event{s.resultEvent(now, prev)}})
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+		err = s.commitLocked(ctx, now, Change{Events: []Event{s.resultEvent(now, prev)}})
+		s.oweLocked(err, key, before)
+		return err
 	case ErrorCode(err) != ENOTFOUND:
 		return fmt.Errorf("%s: %w", m.Op, err)
 	}
@@ -921,13 +952,52 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 	}
 	switch m.Op {
 	case OpGrant:
-		return s.grantLocked(ctx, now, m, refuse)
+		err = s.grantLocked(ctx, now, m, refuse)
 	case OpExtend:
-		return s.extendLocked(ctx, now, m, refuse)
+		err = s.extendLocked(ctx, now, m, refuse)
 	default:
-		return s.cancelLocked(ctx, now, m, refuse)
+		err = s.cancelLocked(ctx, now, m, refuse)
 	}
+	s.oweLocked(err, key, before)
+	return err
 }
+
+// oweLocked remembers a message whose answer waits for the store: err is
+// EUNAVAILABLE and the call queued changes past before (the deferred count
+// when it began), its answer among them. A retry of the same delivery then
+// adds no second answer.
+func (s *Station) oweLocked(err error, key string, before uint64) {
+	if ErrorCode(err) != EUNAVAILABLE || s.deferred == before {
+		return
+	}
+	if s.owed == nil || len(s.owed) >= maxOwed {
+		// Bounded: past it the promises are forgotten, which costs at most
+		// a repeated identical answer (at-least-once allows it).
+		s.owed = map[string]uint64{}
+	}
+	s.owed[key] = s.deferred
+}
+
+// owedLocked reports whether a message answered before is a retry of a
+// delivery whose answer still waits for the store (see Station.owed): it
+// then gets EUNAVAILABLE again and adds nothing. Once that answer is
+// written, the message is re-reported like any redelivery, so the call
+// that is acknowledged has its answer durable.
+func (s *Station) owedLocked(key string) (err error, retry bool) {
+	upTo, ok := s.owed[key]
+	if !ok {
+		return nil, false
+	}
+	if s.written < upTo {
+		return errUnrecorded(len(s.unrecorded)), true
+	}
+	delete(s.owed, key)
+	return nil, false
+}
+
+// maxOwed bounds Station.owed: a cloud that never redelivers would
+// otherwise grow it for as long as the store cannot write.
+const maxOwed = 10000
 
 func truncate(s string) string {
 	if len(s) > 128 {
@@ -1162,7 +1232,7 @@ func (s *Station) cancelStartLocked(ctx context.Context, now time.Time, l *liveR
 // forwarded to the device only while its renter holds the device's active
 // rental; action "end" ends the rental. Every command gets a
 // command.result, now or when the device answers.
-func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
+func (s *Station) RenterCommand(ctx context.Context, payload []byte) (rerr error) {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	c, perr := ParseRenterCommand(payload)
 	s.mu.Lock()
@@ -1174,9 +1244,25 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 	}}
 	if perr != nil {
 		p.cmdID, p.deviceID = truncate(c.CmdID), truncate(c.DeviceID)
-		return s.finishRenterLocked(ctx, now, p, false, ReasonInvalid, "")
+		sum := sha256.Sum256(payload)
+		key := "p:" + string(sum[:])
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+		before := s.deferred
+		err := s.finishRenterLocked(ctx, now, p, false, ReasonInvalid, "")
+		s.oweLocked(err, key, before)
+		return err
 	}
 	prev, err := s.commandLocked(ctx, c.CmdID)
+	key := "c:" + c.CmdID
+	if err == nil && prev.Done {
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+	}
+	before := s.deferred
+	defer func() { s.oweLocked(rerr, key, before) }()
 	switch {
 	case err == nil && prev.Done:
 		return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventCommandResult, CommandResultData{
