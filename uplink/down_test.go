@@ -143,7 +143,11 @@ func TestDownHeldWhileStoreCannotWrite(t *testing.T) {
 		}
 		return nil
 	}
-	u, err := New(s.config(t, "tcp://"+p.Addr()))
+	// It counts reconnects: a 3 s keepalive, which a loaded machine cannot
+	// miss, rather than the package's usual 1 s.
+	cfg := s.config(t, "tcp://"+p.Addr())
+	cfg.KeepAlive = 3 * time.Second
+	u, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
