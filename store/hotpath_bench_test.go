@@ -1,0 +1,113 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stationedge/edged"
+	bolt "go.etcd.io/bbolt"
+)
+
+// committedTxs is the id of the last committed write transaction: bbolt
+// numbers them one by one, and each costs two fdatasyncs (pages, then meta).
+func committedTxs(tb testing.TB, db *DB) uint64 {
+	var id int
+	if err := db.bolt.View(func(tx *bolt.Tx) error { id = tx.ID(); return nil }); err != nil {
+		tb.Fatal(err)
+	}
+	return uint64(id)
+}
+
+// BenchmarkCommitGroup commits small device-event Changes from 1, 8 and 64
+// goroutines and reports commits/s and the fsyncs each commit cost.
+func BenchmarkCommitGroup(b *testing.B) {
+	for _, committers := range []int{1, 8, 64} {
+		b.Run(fmt.Sprintf("committers=%d", committers), func(b *testing.B) {
+			db := openTest(b, filepath.Join(b.TempDir(), "edged.db"), Options{FlushInterval: time.Hour})
+			ctx := context.Background()
+			e := deviceEvent(0)
+			tx0 := committedTxs(b, db)
+			b.ResetTimer()
+			start := time.Now()
+			var wg sync.WaitGroup
+			per := b.N / committers
+			for w := range committers {
+				n := per
+				if w == 0 {
+					n += b.N % committers
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for range n {
+						if _, err := db.Commit(ctx, edged.Change{Events: []edged.Event{e}}); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			elapsed := time.Since(start)
+			b.StopTimer()
+			txs := committedTxs(b, db) - tx0
+			b.ReportMetric(float64(b.N)/elapsed.Seconds(), "commits/s")
+			b.ReportMetric(2*float64(txs)/float64(b.N), "fsyncs/commit")
+		})
+	}
+}
+
+// BenchmarkDrain drains 100,000 queued events the way the uplink does:
+// Pending pages of 100, each acked as one PUBACK acks a batch.
+func BenchmarkDrain(b *testing.B) {
+	const total, page = 100000, 100
+	for range b.N {
+		b.StopTimer()
+		db := openTest(b, filepath.Join(b.TempDir(), "edged.db"), Options{FlushInterval: time.Hour})
+		ctx := context.Background()
+		batch := make([]edged.Event, 1000)
+		for i := range batch {
+			batch[i] = deviceEvent(i)
+		}
+		for range total / len(batch) {
+			if _, err := db.Commit(ctx, edged.Change{Events: batch}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		tx0 := committedTxs(b, db)
+		b.StartTimer()
+		start := time.Now()
+		var after uint64
+		drained := 0
+		for drained < total {
+			evs, err := db.Pending(ctx, after, page)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if len(evs) == 0 {
+				b.Fatalf("drained %d of %d", drained, total)
+			}
+			s := make([]uint64, len(evs))
+			for i, e := range evs {
+				s[i] = e.Seq
+			}
+			if err := db.Ack(ctx, s...); err != nil {
+				b.Fatal(err)
+			}
+			after = s[len(s)-1]
+			drained += len(evs)
+		}
+		elapsed := time.Since(start)
+		b.StopTimer()
+		if st := db.OutboxStats(time.Now()); st.Events != 0 {
+			b.Fatalf("outbox holds %d events after the drain", st.Events)
+		}
+		b.ReportMetric(float64(total)/elapsed.Seconds(), "events/s")
+		b.ReportMetric(float64(committedTxs(b, db)-tx0), "write-txs")
+		db.Close()
+	}
+}
