@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"time"
 
 	"github.com/stationedge/edged"
@@ -13,22 +14,30 @@ import (
 const pruneBatch = 512
 
 // Pending returns up to limit queued events with seq > after, in seq order
-// (limit <= 0 or over 10000 means 10000). Errors: EUNAVAILABLE.
+// (limit <= 0 or over 10000 means 10000), each with its stored envelope in
+// Raw. It reads in a bbolt read transaction, concurrent with commits.
+// Errors: EUNAVAILABLE.
 func (db *DB) Pending(ctx context.Context, after uint64, limit int) ([]edged.Event, error) {
 	if err := ctxErr(ctx); err != nil {
 		return nil, err
 	}
 	limit = pageLimit(limit)
-	// Exclusive against commits, so no commit can rewrite an event between
-	// this read and the mark of what was handed out.
-	db.outMu.Lock()
-	defer db.outMu.Unlock()
+	// Shared: only a commit that may drop waits for it (see handMu).
+	db.handMu.RLock()
+	defer db.handMu.RUnlock()
 	var out []edged.Event
 	err := db.bolt.View(func(tx *bolt.Tx) error {
 		out = out[:0]
+		st, err := readState(tx)
+		if err != nil {
+			return err
+		}
 		ev := tx.Bucket(bucketEvents)
 		cur := tx.Bucket(bucketOutbox).Cursor()
-		for k, _ := cur.Seek(u64(after + 1)); k != nil && len(out) < limit; k, _ = cur.Next() {
+		for k, _ := cur.Seek(u64(max(after, st.Delivered) + 1)); k != nil && len(out) < limit; k, _ = cur.Next() {
+			if st.delivered(seqOf(k)) {
+				continue
+			}
 			v := ev.Get(k)
 			if v == nil {
 				return edged.Errorf(edged.EINTERNAL, "queued event %d is missing from the log", seqOf(k))
@@ -37,6 +46,8 @@ func (db *DB) Pending(ctx context.Context, after uint64, limit int) ([]edged.Eve
 			if err := json.Unmarshal(v, &e); err != nil {
 				return internalErr("decode event", err)
 			}
+			// bbolt's bytes live only as long as the transaction.
+			e.Raw = append(json.RawMessage(nil), v...)
 			out = append(out, e)
 		}
 		return nil
@@ -45,15 +56,21 @@ func (db *DB) Pending(ctx context.Context, after uint64, limit int) ([]edged.Eve
 		return nil, storeErr("read outbox", err)
 	}
 	if n := len(out); n > 0 {
-		if last := out[n-1].Seq; last > db.handed.Load() {
-			db.handed.Store(last)
+		for last, h := out[n-1].Seq, db.handed.Load(); last > h; h = db.handed.Load() {
+			if db.handed.CompareAndSwap(h, last) {
+				break
+			}
 		}
 	}
 	return out, nil
 }
 
-// Ack removes delivered events from the outbox; they stay in the log until
-// log retention prunes them. Unknown seqs are ignored. Errors: EUNAVAILABLE.
+// Ack marks delivered events: it moves the delivered watermark (and the
+// seqs acked beyond it) and the outbox counters in one small write that
+// joins the group commit of concurrent commits, so it costs no fsync of its
+// own on a busy station. It is durable when it returns. The outbox entries
+// and, past retention, the log's copies are deleted later in bounded
+// batches. Unknown seqs are ignored. Errors: EUNAVAILABLE.
 func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 	if err := ctxErr(ctx); err != nil {
 		return err
@@ -62,53 +79,64 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 		return nil
 	}
 	var snap *snapshot
-	// One releaser at a time (the uplink's acker) calls Ack: a batch would
-	// only add bbolt's batch delay to every release.
-	err := db.bolt.Update(func(tx *bolt.Tx) error {
+	var backlog uint64
+	err := db.bolt.Batch(func(tx *bolt.Tx) error {
 		snap = nil
 		st, err := readState(tx)
 		if err != nil {
 			return err
 		}
-		ob, ev := tx.Bucket(bucketOutbox), tx.Bucket(bucketEvents)
-		cutoff := db.logCutoff(st)
+		ob := tx.Bucket(bucketOutbox)
+		above := make(map[uint64]bool, len(st.Above)+len(seqs))
+		for _, s := range st.Above {
+			above[s] = true
+		}
 		changed := false
 		for _, seq := range seqs {
-			k := u64(seq)
-			v := ob.Get(k)
+			if seq <= st.Delivered || seq > st.Seq || above[seq] {
+				continue
+			}
+			v := ob.Get(u64(seq))
 			if v == nil {
 				continue
 			}
 			en := decodeEntry(v)
-			if err := ob.Delete(k); err != nil {
-				return err
-			}
-			// An old event acked after the log prune passed it.
-			if seq <= cutoff && seq < st.LogFrom {
-				if err := ev.Delete(k); err != nil {
-					return err
-				}
-			}
 			st.Events--
 			st.Bytes -= en.size
 			if en.droppable {
 				st.DropBytes -= en.size
 			}
-			changed = true
-		}
-		if n, err := pruneLogTx(tx, &st, cutoff); err != nil {
-			return err
-		} else if n > 0 {
+			above[seq] = true
 			changed = true
 		}
 		if !changed {
 			return nil
+		}
+		// The watermark moves over every queued seq acked in a row; the
+		// seqs missing in between were dropped or released already.
+		cur := ob.Cursor()
+		for k, _ := cur.Seek(u64(st.Delivered + 1)); k != nil && above[seqOf(k)]; k, _ = cur.Next() {
+			st.Delivered = seqOf(k)
+			delete(above, st.Delivered)
+		}
+		st.Above = st.Above[:0]
+		for s := range above {
+			if s > st.Delivered {
+				st.Above = append(st.Above, s)
+			}
+		}
+		slices.Sort(st.Above)
+		if err := db.rideDevices(tx); err != nil {
+			return err
 		}
 		if err := writeState(tx, &st); err != nil {
 			return err
 		}
 		s := takeSnapshot(tx, st)
 		snap = &s
+		if k, _ := ob.Cursor().First(); k != nil && seqOf(k) <= st.Delivered {
+			backlog = st.Delivered - seqOf(k)
+		}
 		return nil
 	})
 	err = storeErr("ack", err)
@@ -119,8 +147,18 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 		return err
 	}
 	db.apply(snap)
+	if backlog >= releaseKick {
+		select {
+		case db.kick <- struct{}{}:
+		default:
+		}
+	}
 	return nil
 }
+
+// releaseKick is how many delivered outbox entries wake the background
+// release before its next tick.
+const releaseKick = 4 * pruneBatch
 
 // logCutoff is the newest seq the log may prune once delivered.
 func (db *DB) logCutoff(st state) uint64 {
@@ -128,6 +166,33 @@ func (db *DB) logCutoff(st state) uint64 {
 		return 0
 	}
 	return st.Seq - uint64(db.opts.LogRetain)
+}
+
+// releaseTx deletes up to pruneBatch outbox entries of delivered events
+// (at or below the watermark), and the log's copies of those past
+// retention.
+func releaseTx(tx *bolt.Tx, st *state, cutoff uint64) (int, error) {
+	ob, ev := tx.Bucket(bucketOutbox), tx.Bucket(bucketEvents)
+	cur := ob.Cursor()
+	n := 0
+	for k, _ := cur.First(); k != nil && n < pruneBatch; k, _ = cur.Seek(u64(seqOf(k) + 1)) {
+		seq := seqOf(k)
+		if seq > st.Delivered {
+			break
+		}
+		key := u64(seq)
+		if err := ob.Delete(key); err != nil {
+			return n, err
+		}
+		// An old event delivered after the log prune passed it.
+		if seq <= cutoff && seq < st.LogFrom {
+			if err := ev.Delete(key); err != nil {
+				return n, err
+			}
+		}
+		n++
+	}
+	return n, nil
 }
 
 // pruneLogTx deletes up to pruneBatch delivered events at or below cutoff,
@@ -145,7 +210,7 @@ func pruneLogTx(tx *bolt.Tx, st *state, cutoff uint64) (int, error) {
 		if seq > cutoff {
 			break
 		}
-		if ob.Get(k) != nil {
+		if ob.Get(k) != nil && !st.delivered(seq) {
 			k, _ = cur.Next()
 			continue
 		}
@@ -167,36 +232,70 @@ func pruneLogTx(tx *bolt.Tx, st *state, cutoff uint64) (int, error) {
 	return max(n, 1), nil
 }
 
-// pruneLog prunes the log in bounded transactions until it is within
-// retention, writing nothing when there is nothing to prune.
+// pruneLog releases delivered outbox entries and prunes the log in bounded
+// transactions until both are done, writing nothing when there is nothing
+// to do.
 func (db *DB) pruneLog() error {
-	for range 64 {
-		if s := db.snapshot(); s.LogFrom > db.logCutoff(s.state) {
-			return nil
+	for range 256 {
+		more, err := db.pruneOnce()
+		if err != nil || !more {
+			return err
 		}
-		var snap *snapshot
-		err := db.update("prune event log", func(tx *bolt.Tx) error {
-			snap = nil
-			st, err := readState(tx)
-			if err != nil {
-				return err
-			}
-			if _, err := pruneLogTx(tx, &st, db.logCutoff(st)); err != nil {
-				return err
-			}
-			if err := writeState(tx, &st); err != nil {
-				return err
-			}
-			s := takeSnapshot(tx, st)
-			snap = &s
-			return nil
-		})
+	}
+	return nil
+}
+
+// pruneOnce runs one bounded release and prune transaction, when there is
+// work. It reports whether there may be more.
+func (db *DB) pruneOnce() (bool, error) {
+	s := db.snapshot()
+	if s.LogFrom > db.logCutoff(s.state) && !db.releasable() {
+		return false, nil
+	}
+	var snap *snapshot
+	more := false
+	err := db.update("prune event log", func(tx *bolt.Tx) error {
+		snap, more = nil, false
+		st, err := readState(tx)
 		if err != nil {
 			return err
 		}
-		db.apply(snap)
+		released, err := releaseTx(tx, &st, db.logCutoff(st))
+		if err != nil {
+			return err
+		}
+		pruned, err := pruneLogTx(tx, &st, db.logCutoff(st))
+		if err != nil {
+			return err
+		}
+		more = released == pruneBatch || pruned > 0
+		if err := writeState(tx, &st); err != nil {
+			return err
+		}
+		s := takeSnapshot(tx, st)
+		snap = &s
+		return nil
+	})
+	if err != nil {
+		return false, err
 	}
-	return nil
+	db.apply(snap)
+	return more, nil
+}
+
+// releasable reports whether the outbox holds entries of delivered events.
+func (db *DB) releasable() bool {
+	found := false
+	_ = db.bolt.View(func(tx *bolt.Tx) error {
+		st, err := readState(tx)
+		if err != nil {
+			return err
+		}
+		k, _ := tx.Bucket(bucketOutbox).Cursor().First()
+		found = k != nil && seqOf(k) <= st.Delivered
+		return nil
+	})
+	return found
 }
 
 // OutboxStats describes the queue; now gives the oldest event's age.

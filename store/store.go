@@ -88,6 +88,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -164,10 +165,13 @@ type DB struct {
 	// may have been published by an earlier process and are never rewritten.
 	startSeq uint64
 
-	// outMu orders Pending against commits: commits hold it shared for the
-	// whole batch, Pending exclusively while it reads and marks what it
-	// handed out, so an event is never rewritten after Pending returned it.
-	outMu sync.RWMutex
+	// handMu orders Pending against drops: Pending holds it shared while
+	// it reads (in a bbolt read transaction) and marks what it handed out;
+	// only a commit that may drop events (the outbox is near its quota)
+	// holds it exclusively, from its decision to its commit, so an event is
+	// never dropped or rewritten after Pending returned it. Other commits
+	// and Ack never take it.
+	handMu sync.RWMutex
 	// handed is the highest seq Pending has returned.
 	handed atomic.Uint64
 
@@ -178,13 +182,19 @@ type DB struct {
 
 	health atomic.Pointer[error]
 
-	// flushMu serializes writers of device states, so a state written
-	// at once by SaveDeviceStateNow is never overwritten by an older one
-	// a background flush had copied before.
-	flushMu sync.Mutex
-	devMu   sync.Mutex
-	devBuf  map[string]bufferedState
-	devVer  uint64
+	// Device states are copied from devBuf inside the write transaction
+	// that stores them, so they reach the file in transaction order and an
+	// older copy never overwrites a newer one.
+	devMu  sync.Mutex
+	devBuf map[string]bufferedState
+	devVer uint64
+	// devTx is the write transaction that last took buffered states, so
+	// the functions of one batch take them once. Only bbolt's single
+	// writer touches it, under bbolt's writer lock.
+	devTx *bolt.Tx
+
+	// kick asks the background loop to release delivered events now.
+	kick chan struct{}
 
 	warnMu       sync.Mutex
 	lastOverWarn time.Time
@@ -230,6 +240,21 @@ type state struct {
 	// LogFrom: every logged event below it is either pruned or still
 	// queued (an Ack of it prunes it).
 	LogFrom uint64 `json:"log_from"`
+	// Delivered is the watermark: every event at or below it is
+	// delivered. Their outbox entries are deleted lazily, in bounded
+	// batches; until then they are skipped. Above holds the seqs acked
+	// out of order beyond the watermark (a few: the uplink's window).
+	Delivered uint64   `json:"delivered,omitempty"`
+	Above     []uint64 `json:"above,omitempty"`
+}
+
+// delivered reports whether the queued event seq is delivered.
+func (st *state) delivered(seq uint64) bool {
+	if seq <= st.Delivered {
+		return true
+	}
+	_, found := slices.BinarySearch(st.Above, seq)
+	return found
 }
 
 // snapshot is the in-memory copy of the counters after a transaction.
@@ -284,6 +309,7 @@ func Open(path string, opts Options) (*DB, error) {
 		logger: logger,
 		notify: make(chan struct{}, 1),
 		devBuf: make(map[string]bufferedState),
+		kick:   make(chan struct{}, 1),
 		stop:   make(chan struct{}),
 	}
 	if err := db.init(); err != nil {
@@ -408,6 +434,10 @@ func (db *DB) background() {
 			if err := db.pruneLog(); err != nil {
 				db.logger.Warn("event log prune failed", "err", err)
 			}
+		case <-db.kick:
+			if err := db.pruneLog(); err != nil {
+				db.logger.Warn("event log prune failed", "err", err)
+			}
 		case <-first.C:
 			db.maintain()
 		case <-maintain.C:
@@ -475,8 +505,12 @@ func writeState(tx *bolt.Tx, st *state) error {
 // takeSnapshot reads the oldest queued event's ts to go with st.
 func takeSnapshot(tx *bolt.Tx, st state) snapshot {
 	s := snapshot{state: st}
-	if _, v := tx.Bucket(bucketOutbox).Cursor().First(); v != nil {
-		s.oldest = decodeEntry(v).ts
+	cur := tx.Bucket(bucketOutbox).Cursor()
+	for k, v := cur.Seek(u64(st.Delivered + 1)); k != nil; k, v = cur.Next() {
+		if !st.delivered(seqOf(k)) {
+			s.oldest = decodeEntry(v).ts
+			break
+		}
 	}
 	return s
 }
