@@ -73,6 +73,14 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		db.handMu.Lock()
 		defer db.handMu.Unlock()
 	}
+	db.committing.Add(1)
+	defer func() {
+		db.committing.Add(-1)
+		db.endMu.Lock()
+		close(db.endCh)
+		db.endCh = make(chan struct{})
+		db.endMu.Unlock()
+	}()
 	var res commitResult
 	fn := func(tx *bolt.Tx) error {
 		if db.testHookCommit != nil {
@@ -80,10 +88,30 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		}
 		// A batch function may run again after a rollback: start over.
 		res = commitResult{}
+		// Waiting acks and buffered device states ride along: one fsync.
+		acks, err := db.takeAcks(tx)
+		if err != nil {
+			return err
+		}
 		if err := db.rideDevices(tx); err != nil {
 			return err
 		}
-		return db.commitTx(tx, c, encoded{rentals, commands, results, stops}, mayDrop, &res)
+		if err := db.commitTx(tx, c, encoded{rentals, commands, results, stops}, mayDrop, &res); err != nil {
+			return err
+		}
+		if len(acks) > 0 {
+			snap := res.snap
+			if snap == nil {
+				st, err := readState(tx)
+				if err != nil {
+					return err
+				}
+				s := takeSnapshot(tx, st)
+				snap = &s
+			}
+			db.ackedOnCommit(tx, *snap, acks)
+		}
+		return nil
 	}
 	var err error
 	if groupable(c) || db.testAlwaysBatch {

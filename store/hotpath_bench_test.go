@@ -111,3 +111,84 @@ func BenchmarkDrain(b *testing.B) {
 		db.Close()
 	}
 }
+
+// BenchmarkDrainBusy drains 20,000 queued events while 8 goroutines keep
+// committing device events, as a busy station does after its uplink
+// returns. It reports the drain rate, the commit rate beside it and the
+// write transactions per Ack: an Ack that joins the commits' group costs
+// no fsync of its own.
+func BenchmarkDrainBusy(b *testing.B) {
+	const total, page, committers = 20000, 16, 8
+	for range b.N {
+		b.StopTimer()
+		db := openTest(b, filepath.Join(b.TempDir(), "edged.db"), Options{FlushInterval: time.Hour})
+		ctx := context.Background()
+		batch := make([]edged.Event, 1000)
+		for i := range batch {
+			batch[i] = deviceEvent(i)
+		}
+		for range total / len(batch) {
+			if _, err := db.Commit(ctx, edged.Change{Events: batch}); err != nil {
+				b.Fatal(err)
+			}
+		}
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		var commits sync.Map
+		for w := range committers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				n := 0
+				defer func() { commits.Store(w, n) }()
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					if _, err := db.Commit(ctx, edged.Change{Events: []edged.Event{deviceEvent(n)}}); err != nil {
+						b.Error(err)
+						return
+					}
+					n++
+				}
+			}()
+		}
+		tx0 := committedTxs(b, db)
+		b.StartTimer()
+		start := time.Now()
+		var after uint64
+		drained, acks := 0, 0
+		for drained < total {
+			evs, err := db.Pending(ctx, after, page)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if len(evs) == 0 {
+				b.Fatalf("drained %d of %d", drained, total)
+			}
+			s := make([]uint64, len(evs))
+			for i, e := range evs {
+				s[i] = e.Seq
+			}
+			if err := db.Ack(ctx, s...); err != nil {
+				b.Fatal(err)
+			}
+			acks++
+			after = s[len(s)-1]
+			drained += len(evs)
+		}
+		elapsed := time.Since(start)
+		b.StopTimer()
+		close(stop)
+		wg.Wait()
+		txs := committedTxs(b, db) - tx0
+		n := 0
+		commits.Range(func(_, v any) bool { n += v.(int); return true })
+		b.ReportMetric(float64(total)/elapsed.Seconds(), "drained/s")
+		b.ReportMetric(float64(n)/elapsed.Seconds(), "commits/s")
+		b.ReportMetric(float64(txs)/float64(acks), "write-txs/ack")
+		db.Close()
+	}
+}

@@ -66,11 +66,13 @@ func (db *DB) Pending(ctx context.Context, after uint64, limit int) ([]edged.Eve
 }
 
 // Ack marks delivered events: it moves the delivered watermark (and the
-// seqs acked beyond it) and the outbox counters in one small write that
-// joins the group commit of concurrent commits, so it costs no fsync of its
-// own on a busy station. It is durable when it returns. The outbox entries
-// and, past retention, the log's copies are deleted later in bounded
-// batches. Unknown seqs are ignored. Errors: EUNAVAILABLE.
+// seqs acked beyond it) and the outbox counters in a small write that rides
+// in the transaction of a concurrent commit when there is one, so a busy
+// station pays no fsync for its acks; an idle one writes them in a
+// transaction of their own. It is durable when it returns. The outbox
+// entries and, past retention, the log's copies are deleted later in
+// bounded background batches. Unknown seqs are ignored. Errors:
+// EUNAVAILABLE.
 func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 	if err := ctxErr(ctx); err != nil {
 		return err
@@ -78,21 +80,90 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 	if len(seqs) == 0 {
 		return nil
 	}
-	var snap *snapshot
-	var backlog uint64
-	err := db.bolt.Batch(func(tx *bolt.Tx) error {
-		snap = nil
+	req := &ackReq{seqs: seqs, done: make(chan struct{})}
+	db.ackMu.Lock()
+	db.acks = append(db.acks, req)
+	db.ackMu.Unlock()
+	// A commit in flight may take the ack into its transaction: wait for
+	// it to end, then write the ack alone if it did not.
+	db.endMu.Lock()
+	ended := db.endCh
+	db.endMu.Unlock()
+	if db.committing.Load() > 0 {
+		select {
+		case <-req.done:
+			return db.afterAck()
+		case <-ended:
+		}
+	}
+	select {
+	case <-req.done:
+		return db.afterAck()
+	default:
+	}
+	err := db.update("ack", func(tx *bolt.Tx) error {
+		taken, err := db.takeAcks(tx)
+		if err != nil || len(taken) == 0 {
+			return err
+		}
 		st, err := readState(tx)
 		if err != nil {
 			return err
 		}
-		ob := tx.Bucket(bucketOutbox)
-		above := make(map[uint64]bool, len(st.Above)+len(seqs))
-		for _, s := range st.Above {
-			above[s] = true
+		db.ackedOnCommit(tx, takeSnapshot(tx, st), taken)
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return db.afterAck()
+}
+
+// ackReq is an Ack waiting for a transaction to carry it; done is closed
+// once one did.
+type ackReq struct {
+	seqs []uint64
+	done chan struct{}
+}
+
+// afterAck wakes the background release when delivered entries pile up.
+func (db *DB) afterAck() error {
+	if db.releaseBacklog.Load() >= releaseKick {
+		select {
+		case db.kick <- struct{}{}:
+		default:
 		}
-		changed := false
-		for _, seq := range seqs {
+	}
+	return nil
+}
+
+// takeAcks applies every waiting Ack in tx, once per transaction. The acks
+// stay queued until the transaction commits (ackedOnCommit), so a rolled
+// back transaction loses none: the next one applies them again, and
+// applying an ack twice changes nothing.
+func (db *DB) takeAcks(tx *bolt.Tx) ([]*ackReq, error) {
+	if db.ackTx == tx {
+		return nil, nil
+	}
+	db.ackTx = tx
+	db.ackMu.Lock()
+	taken := slices.Clone(db.acks)
+	db.ackMu.Unlock()
+	if len(taken) == 0 {
+		return nil, nil
+	}
+	st, err := readState(tx)
+	if err != nil {
+		return nil, err
+	}
+	ob := tx.Bucket(bucketOutbox)
+	above := make(map[uint64]bool, len(st.Above))
+	for _, s := range st.Above {
+		above[s] = true
+	}
+	changed := false
+	for _, r := range taken {
+		for _, seq := range r.seqs {
 			if seq <= st.Delivered || seq > st.Seq || above[seq] {
 				continue
 			}
@@ -109,51 +180,55 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 			above[seq] = true
 			changed = true
 		}
-		if !changed {
-			return nil
+	}
+	if !changed {
+		return taken, nil
+	}
+	// The watermark moves over every queued seq acked in a row; the seqs
+	// missing in between were dropped or released already.
+	cur := ob.Cursor()
+	for k, _ := cur.Seek(u64(st.Delivered + 1)); k != nil && above[seqOf(k)]; k, _ = cur.Next() {
+		st.Delivered = seqOf(k)
+		delete(above, st.Delivered)
+	}
+	st.Above = st.Above[:0]
+	for s := range above {
+		if s > st.Delivered {
+			st.Above = append(st.Above, s)
 		}
-		// The watermark moves over every queued seq acked in a row; the
-		// seqs missing in between were dropped or released already.
-		cur := ob.Cursor()
-		for k, _ := cur.Seek(u64(st.Delivered + 1)); k != nil && above[seqOf(k)]; k, _ = cur.Next() {
-			st.Delivered = seqOf(k)
-			delete(above, st.Delivered)
-		}
-		st.Above = st.Above[:0]
-		for s := range above {
-			if s > st.Delivered {
-				st.Above = append(st.Above, s)
+	}
+	slices.Sort(st.Above)
+	if k, _ := ob.Cursor().First(); k != nil && seqOf(k) <= st.Delivered {
+		db.releaseBacklog.Store(st.Delivered - seqOf(k))
+	}
+	return taken, writeState(tx, &st)
+}
+
+// ackedOnCommit installs snap (the state once tx's functions ran) and
+// releases the Acks taken, once tx has committed.
+func (db *DB) ackedOnCommit(tx *bolt.Tx, snap snapshot, taken []*ackReq) {
+	if len(taken) == 0 {
+		return
+	}
+	tx.OnCommit(func() {
+		db.apply(&snap)
+		// bbolt runs commit handlers after it lets the next writer in, so
+		// that one may have taken (and committed) the same acks: each is
+		// released once.
+		var released []*ackReq
+		db.ackMu.Lock()
+		db.acks = slices.DeleteFunc(db.acks, func(r *ackReq) bool {
+			if slices.Contains(taken, r) {
+				released = append(released, r)
+				return true
 			}
+			return false
+		})
+		db.ackMu.Unlock()
+		for _, r := range released {
+			close(r.done)
 		}
-		slices.Sort(st.Above)
-		if err := db.rideDevices(tx); err != nil {
-			return err
-		}
-		if err := writeState(tx, &st); err != nil {
-			return err
-		}
-		s := takeSnapshot(tx, st)
-		snap = &s
-		if k, _ := ob.Cursor().First(); k != nil && seqOf(k) <= st.Delivered {
-			backlog = st.Delivered - seqOf(k)
-		}
-		return nil
 	})
-	err = storeErr("ack", err)
-	if snap != nil || err != nil {
-		db.setHealth(err)
-	}
-	if err != nil {
-		return err
-	}
-	db.apply(snap)
-	if backlog >= releaseKick {
-		select {
-		case db.kick <- struct{}{}:
-		default:
-		}
-	}
-	return nil
 }
 
 // releaseKick is how many delivered outbox entries wake the background

@@ -193,8 +193,21 @@ type DB struct {
 	// writer touches it, under bbolt's writer lock.
 	devTx *bolt.Tx
 
-	// kick asks the background loop to release delivered events now.
-	kick chan struct{}
+	// kick asks the background loop to release delivered events now;
+	// releaseBacklog is about how many wait.
+	kick           chan struct{}
+	releaseBacklog atomic.Uint64
+
+	// acks wait (under ackMu) for a write transaction to carry them;
+	// ackTx is the transaction that last took them (writer only, like
+	// devTx). committing counts commits in flight; endCh is closed and
+	// replaced (under endMu) as each ends, for an Ack waiting to ride.
+	ackMu      sync.Mutex
+	acks       []*ackReq
+	ackTx      *bolt.Tx
+	committing atomic.Int64
+	endMu      sync.Mutex
+	endCh      chan struct{}
 
 	warnMu       sync.Mutex
 	lastOverWarn time.Time
@@ -310,6 +323,7 @@ func Open(path string, opts Options) (*DB, error) {
 		notify: make(chan struct{}, 1),
 		devBuf: make(map[string]bufferedState),
 		kick:   make(chan struct{}, 1),
+		endCh:  make(chan struct{}),
 		stop:   make(chan struct{}),
 	}
 	if err := db.init(); err != nil {
