@@ -252,3 +252,65 @@ func TestDeviceStatesRideCommits(t *testing.T) {
 		t.Errorf("device states after reopen = %+v, want chair-001 fault (the newer state)", states)
 	}
 }
+
+// An Ack made while a commit is in flight rides in that commit's
+// transaction: one fsync for both, and the Ack returns once it is durable.
+func TestAckRidesConcurrentCommit(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "edged.db")
+	db := openTest(t, path, Options{FlushInterval: time.Hour})
+	ctx := context.Background()
+	commit(t, db, edged.Change{Events: []edged.Event{deviceEvent(1), deviceEvent(2)}})
+
+	inTx, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	db.testHookCommit = func() {
+		once.Do(func() {
+			close(inTx)
+			<-release
+		})
+	}
+	tx0 := committedTxs(t, db)
+	committed := make(chan error, 1)
+	go func() {
+		_, err := db.Commit(ctx, edged.Change{Rentals: []edged.Rental{{ID: "r-1"}}, Events: []edged.Event{rentalEvent("r-1")}})
+		committed <- err
+	}()
+	<-inTx
+	acked := make(chan error, 1)
+	go func() { acked <- db.Ack(ctx, 1, 2) }()
+	queued := func() bool {
+		db.ackMu.Lock()
+		defer db.ackMu.Unlock()
+		return len(db.acks) == 1
+	}
+	for i := 0; i < 3000 && !queued(); i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !queued() {
+		t.Fatal("the Ack never queued")
+	}
+	close(release)
+	if err := <-committed; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-acked; err != nil {
+		t.Fatal(err)
+	}
+	if got := committedTxs(t, db) - tx0; got != 1 {
+		t.Errorf("the commit and the Ack took %d write transactions, want 1", got)
+	}
+	if st := db.OutboxStats(t0); st.Events != 1 {
+		t.Errorf("OutboxStats.Events = %d after acking 2 of 3, want 1", st.Events)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db = openTest(t, path, Options{FlushInterval: time.Hour})
+	evs, err := db.Pending(ctx, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]uint64{3}, seqs(evs)); diff != "" {
+		t.Errorf("Pending after reopen (-want +got):\n%s", diff)
+	}
+}
