@@ -110,6 +110,22 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 		if err != nil {
 			return err
 		}
+		// No commit is waiting on this transaction: it takes a bounded
+		// share of the release and the log prune along, sparing the
+		// background a transaction of its own.
+		released, err := releaseTx(tx, &st, db.logCutoff(st), pruneBatch)
+		if err != nil {
+			return err
+		}
+		pruned, err := pruneLogTx(tx, &st, db.logCutoff(st))
+		if err != nil {
+			return err
+		}
+		if released+pruned > 0 {
+			if err := writeState(tx, &st); err != nil {
+				return err
+			}
+		}
 		db.ackedOnCommit(tx, takeSnapshot(tx, st), taken)
 		return nil
 	})
@@ -231,9 +247,13 @@ func (db *DB) ackedOnCommit(tx *bolt.Tx, snap snapshot, taken []*ackReq) {
 	})
 }
 
-// releaseKick is how many delivered outbox entries wake the background
-// release before its next tick.
-const releaseKick = 4 * pruneBatch
+// releaseBatch bounds the outbox entries of delivered events (13 bytes
+// each) one transaction deletes; releaseKick is how many waiting wake the
+// background release before its next tick.
+const (
+	releaseBatch = 4096
+	releaseKick  = releaseBatch
+)
 
 // logCutoff is the newest seq the log may prune once delivered.
 func (db *DB) logCutoff(st state) uint64 {
@@ -243,14 +263,14 @@ func (db *DB) logCutoff(st state) uint64 {
 	return st.Seq - uint64(db.opts.LogRetain)
 }
 
-// releaseTx deletes up to pruneBatch outbox entries of delivered events
+// releaseTx deletes up to limit outbox entries of delivered events
 // (at or below the watermark), and the log's copies of those past
 // retention.
-func releaseTx(tx *bolt.Tx, st *state, cutoff uint64) (int, error) {
+func releaseTx(tx *bolt.Tx, st *state, cutoff uint64, limit int) (int, error) {
 	ob, ev := tx.Bucket(bucketOutbox), tx.Bucket(bucketEvents)
 	cur := ob.Cursor()
 	n := 0
-	for k, _ := cur.First(); k != nil && n < pruneBatch; k, _ = cur.Seek(u64(seqOf(k) + 1)) {
+	for k, _ := cur.First(); k != nil && n < limit; k, _ = cur.Seek(u64(seqOf(k) + 1)) {
 		seq := seqOf(k)
 		if seq > st.Delivered {
 			break
@@ -335,7 +355,7 @@ func (db *DB) pruneOnce() (bool, error) {
 		if err != nil {
 			return err
 		}
-		released, err := releaseTx(tx, &st, db.logCutoff(st))
+		released, err := releaseTx(tx, &st, db.logCutoff(st), releaseBatch)
 		if err != nil {
 			return err
 		}
@@ -343,7 +363,7 @@ func (db *DB) pruneOnce() (bool, error) {
 		if err != nil {
 			return err
 		}
-		more = released == pruneBatch || pruned > 0
+		more = released == releaseBatch || pruned > 0
 		if err := writeState(tx, &st); err != nil {
 			return err
 		}
