@@ -11,7 +11,8 @@
 //	          the log, delivered and undelivered events alike
 //	outbox    seq -> class (1 byte: 1 droppable, 0 kept), envelope size
 //	          (4 bytes), event ts in Unix ns (8 bytes): the index of
-//	          undelivered events; the envelope itself stays in events
+//	          undelivered events (and of delivered ones not yet
+//	          released, see Delivery); the envelope itself stays in events
 //	rentals   rental id -> JSON edged.Rental
 //	commands  cmd id -> JSON edged.CommandRecord
 //	results   edged.ResultKey -> JSON edged.ResultRecord: the result each
@@ -20,19 +21,37 @@
 //	devices   device id -> JSON edged.DeviceState
 //
 // The meta "state" record holds the last seq, the outbox's size (events,
-// bytes, droppable bytes), the total of dropped events and a few scan
-// positions. It is rewritten in the same transaction as every change to the
+// bytes, droppable bytes), the total of dropped events, the delivered
+// watermark and a few scan positions. It is rewritten in the same transaction as every change to the
 // outbox, so the counters can never disagree with the buckets, and the seq
 // survives restarts without gaps.
 //
 // # Commits
 //
-// Commit runs in bbolt's DB.Batch, which groups concurrent committers into
-// one fsynced transaction. A batch function may run more than once, so it
-// derives everything from the transaction (never from memory) and the
-// in-memory copy of the counters is replaced only after the transaction
-// succeeded: each transaction bumps a generation number and the newest
-// generation wins.
+// A Commit of device events runs in bbolt's DB.Batch, which groups
+// concurrent committers into one fsynced transaction; any other Commit
+// (the station's, which merges its changes itself) runs at once. Every
+// commit's transaction also carries the Acks waiting and up to 256
+// buffered device states, so a busy station pays one fsync for all of it.
+// A batch function may run more than once, so it derives everything from
+// the transaction (never from memory) and the in-memory copy of the
+// counters is replaced only after the transaction succeeded: each
+// transaction bumps a generation number and the newest generation wins.
+// Each event is encoded once, in the transaction that assigns its seq; the
+// stored envelope is what Pending returns in Event.Raw, for the uplink to
+// publish as is.
+//
+// # Delivery
+//
+// Pending reads in a bbolt read transaction, concurrent with the writer.
+// Ack moves a persisted watermark: every event at or below "delivered" is
+// delivered, and the few seqs acked out of order beyond it (within the
+// uplink's window) are listed beside it; the outbox counters move in the
+// same write, so OutboxStats stays exact. An Ack rides in a commit in
+// flight, or writes alone (taking a bounded release along) when there is
+// none; either way it is durable when it returns, so a crash repeats at
+// most the uplink's window. The outbox entries of delivered events are
+// released later, a bounded batch per transaction, in the background.
 //
 // # Quota
 //
@@ -55,22 +74,29 @@
 // counting it as dropped too would break the accounting. (After a crash, the
 // few events the previous process had in flight are droppable again.)
 // Rental and command events are never dropped: when only events that are
-// kept remain, the outbox exceeds its quota and a warning is logged.
+// kept remain, the outbox exceeds its quota and a warning is logged. Only a
+// commit that may cross the quota (judged from the counters before it)
+// drops, holding off Pending from its decision to its commit; commits that
+// each stay under the quota may together cross it by a group's size, and
+// the next commit drops.
 //
 // # Log and retention
 //
 // Delivered events stay in the log until they are older than the newest
-// Options.LogRetain events; they are pruned a bounded number at a time on
-// Ack and in the background. Dropped events leave the log at once. Ended and
+// Options.LogRetain events; they are pruned a bounded number at a time in
+// the background (and by an Ack written alone). Dropped events leave the log at once. Ended and
 // rejected rentals, done command records and result records older than
 // Options.Retention are pruned in the background; starting and active
 // rentals and stop records never are.
 //
 // # Device state
 //
-// SaveDeviceState keeps the latest state per device in memory; a background
-// loop writes the buffer in one transaction every Options.FlushInterval and
-// on Close, to spare the SD card one fsync per telemetry message.
+// SaveDeviceState keeps the latest state per device in memory, to spare the
+// SD card one fsync per telemetry message. Commits and acks carry the
+// buffer along; a background loop writes what is left every
+// Options.FlushInterval (idle times) and on Close. States are copied from
+// the buffer inside the transaction that writes them, so they reach the
+// file in transaction order.
 //
 // # Errors
 //
