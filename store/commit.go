@@ -273,6 +273,7 @@ func (db *DB) commitTx(tx *bolt.Tx, c edged.Change, enc encoded, mayDrop bool, r
 		}
 		st.Seq++
 		e.Seq = st.Seq
+		e.TS = e.TS.UTC() // §3.3: times in UTC, in the stored envelope too
 		e.Raw = nil
 		if _, err := appendEvent(tx, &st, e); err != nil {
 			return err

@@ -21,7 +21,7 @@ func TestPendingRawIsTheEnvelope(t *testing.T) {
 	in := []edged.Event{
 		{Station: "st-1", Type: edged.EventDeviceEvent, TS: ts, ClockSynced: true,
 			Data: json.RawMessage(`{"device_id":"chair-001", "event": {"type":"door","open":true}}`)},
-		{Station: "st-1", Type: edged.EventDeviceOnline, TS: t0},
+		{Station: "st-1", Type: edged.EventDeviceOnline, TS: t0.In(time.FixedZone("CET", 3600))},
 	}
 	commit(t, db, edged.Change{Events: in})
 	evs, err := db.Pending(context.Background(), 0, 0)
