@@ -130,6 +130,17 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 		return nil
 	})
 	if err != nil {
+		// Not durable: the caller acks again later. Unless a commit
+		// carried it meanwhile, it leaves the queue, which must not grow
+		// while the disk refuses writes.
+		db.ackMu.Lock()
+		db.acks = slices.DeleteFunc(db.acks, func(r *ackReq) bool { return r == req })
+		db.ackMu.Unlock()
+		select {
+		case <-req.done:
+			return db.afterAck()
+		default:
+		}
 		return err
 	}
 	return db.afterAck()
