@@ -3,7 +3,9 @@ package store
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -319,5 +321,100 @@ func TestAckRidesConcurrentCommit(t *testing.T) {
 	}
 	if diff := cmp.Diff([]uint64{3}, seqs(evs)); diff != "" {
 		t.Errorf("Pending after reopen (-want +got):\n%s", diff)
+	}
+}
+
+// Committers near the quota, a consumer acking each page out of order and
+// its acks riding in their commits: every seq is received once or counted
+// dropped once, and the counters match the buckets.
+func TestRidingAcksWithDropsAccountExactly(t *testing.T) {
+	db := openTest(t, "", Options{OutboxMaxBytes: 4 << 10, FlushInterval: time.Hour})
+	ctx := context.Background()
+	const committers, per = 4, 150
+	var wg sync.WaitGroup
+	for w := range committers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range per {
+				e := deviceEvent(i)
+				if i%50 == 0 {
+					e = rentalEvent(fmt.Sprint(w, "-", i))
+				}
+				db.SaveDeviceState(edged.DeviceState{DeviceID: fmt.Sprint("chair-", w), Version: uint64(i)})
+				if _, err := db.Commit(ctx, edged.Change{Events: []edged.Event{e}}); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	received := make(map[uint64]edged.Event)
+	var after uint64
+	drain := func() int {
+		evs, err := db.Pending(ctx, after, 5)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range evs {
+			if _, dup := received[e.Seq]; dup {
+				t.Errorf("seq %d received twice", e.Seq)
+			}
+			received[e.Seq] = e
+			after = e.Seq
+		}
+		s := seqs(evs)
+		slices.Reverse(s)
+		if err := db.Ack(ctx, s...); err != nil {
+			t.Fatal(err)
+		}
+		return len(evs)
+	}
+	// Let the flood reach the quota first (far more is committed than the
+	// quota holds), then drain while the committers go on.
+	for i := 0; i < 3000 && db.OutboxStats(t0).Dropped == 0; i++ {
+		select {
+		case <-done:
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		default:
+			drain()
+		}
+	}
+	for i := 0; i < 10000 && drain() > 0; i++ {
+	}
+	last := db.OutboxStats(t0).LastSeq
+	var counted, missing uint64
+	for _, e := range received {
+		if e.Type == edged.EventOutboxDropped {
+			var d edged.OutboxDroppedData
+			if err := json.Unmarshal(e.Data, &d); err != nil {
+				t.Fatal(err)
+			}
+			counted += d.Count
+		}
+	}
+	for s := uint64(1); s <= last; s++ {
+		if _, ok := received[s]; !ok {
+			missing++
+		}
+	}
+	if counted != missing {
+		t.Errorf("received outbox.dropped events count %d dropped, but %d of %d seqs never arrived", counted, missing, last)
+	}
+	if missing == 0 {
+		t.Errorf("nothing was dropped: the test does not exercise the quota")
+	}
+	st := db.OutboxStats(t0)
+	events, bytes := freshCount(t, db)
+	if st.Events != 0 || events != 0 || bytes != 0 || st.Bytes != 0 || st.Dropped != missing {
+		t.Errorf("after the drain: OutboxStats %+v, the buckets hold %d events, %d bytes; want empty, %d dropped", st, events, bytes, missing)
 	}
 }
