@@ -114,7 +114,7 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		return nil
 	}
 	var err error
-	if groupable(c) || db.testAlwaysBatch {
+	if (groupable(c) && !db.opts.SingleCommitter) || db.testAlwaysBatch {
 		err = db.bolt.Batch(fn)
 	} else {
 		err = db.bolt.Update(fn)

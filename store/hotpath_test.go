@@ -418,3 +418,25 @@ func TestRidingAcksWithDropsAccountExactly(t *testing.T) {
 		t.Errorf("after the drain: OutboxStats %+v, the buckets hold %d events, %d bytes; want empty, %d dropped", st, events, bytes, missing)
 	}
 }
+
+// With SingleCommitter, a Change of device events is committed at once
+// rather than through bbolt's batch, where a batch of one waits its delay
+// out.
+func TestSingleCommitterSkipsTheBatch(t *testing.T) {
+	db := openTest(t, "", Options{SingleCommitter: true})
+	// Through the batch, the commit below would wait an hour.
+	db.bolt.MaxBatchDelay = time.Hour
+	committed := make(chan error, 1)
+	go func() {
+		_, err := db.Commit(context.Background(), edged.Change{Events: []edged.Event{deviceEvent(1)}})
+		committed <- err
+	}()
+	select {
+	case err := <-committed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the commit waited for a batch")
+	}
+}

@@ -137,6 +137,11 @@ type Options struct {
 	// Retention is how long ended or rejected rentals and done command
 	// records are kept as idempotency records; 0 means 7 days.
 	Retention time.Duration
+	// SingleCommitter says the caller groups its changes itself and
+	// commits them from one goroutine (the station's committer): Commit
+	// then never waits out bbolt's batch delay for partners that cannot
+	// come. Acks and device states ride along either way.
+	SingleCommitter bool
 	// Now is the clock used for retention; nil means time.Now.
 	Now func() time.Time
 	// Logger receives the store's warnings; nil discards them.
