@@ -41,6 +41,11 @@ type Event struct {
 	TS          time.Time       `json:"ts"`
 	ClockSynced bool            `json:"clock_synced"`
 	Data        json.RawMessage `json:"data"`
+	// Raw, when set, is the envelope as the Store encoded it once at
+	// commit: the exact bytes to publish, so an event is never encoded
+	// twice and a resend is byte for byte the first send. Outbox.Pending
+	// sets it; it is not part of the envelope itself.
+	Raw json.RawMessage `json:"-"`
 }
 
 // RentalResultData is the data of a rental.result event. Op says which

@@ -64,8 +64,23 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		stops[i] = v
 	}
 
-	db.outMu.RLock()
-	defer db.outMu.RUnlock()
+	// Only a commit that may cross the quota may drop, and it excludes
+	// Pending from its decision to its commit (see handMu). Concurrent
+	// commits that each stay under it may together cross it: the next
+	// commit drops.
+	mayDrop := db.mayDrop(c)
+	if mayDrop {
+		db.handMu.Lock()
+		defer db.handMu.Unlock()
+	}
+	db.committing.Add(1)
+	defer func() {
+		db.committing.Add(-1)
+		db.endMu.Lock()
+		close(db.endCh)
+		db.endCh = make(chan struct{})
+		db.endMu.Unlock()
+	}()
 	var res commitResult
 	fn := func(tx *bolt.Tx) error {
 		if db.testHookCommit != nil {
@@ -73,10 +88,33 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		}
 		// A batch function may run again after a rollback: start over.
 		res = commitResult{}
-		return db.commitTx(tx, c, encoded{rentals, commands, results, stops}, &res)
+		// Waiting acks and buffered device states ride along: one fsync.
+		acks, err := db.takeAcks(tx)
+		if err != nil {
+			return err
+		}
+		if err := db.rideDevices(tx); err != nil {
+			return err
+		}
+		if err := db.commitTx(tx, c, encoded{rentals, commands, results, stops}, mayDrop, &res); err != nil {
+			return err
+		}
+		if len(acks) > 0 {
+			snap := res.snap
+			if snap == nil {
+				st, err := readState(tx)
+				if err != nil {
+					return err
+				}
+				s := takeSnapshot(tx, st)
+				snap = &s
+			}
+			db.ackedOnCommit(tx, *snap, acks)
+		}
+		return nil
 	}
 	var err error
-	if groupable(c) || db.testAlwaysBatch {
+	if (groupable(c) && !db.opts.SingleCommitter) || db.testAlwaysBatch {
 		err = db.bolt.Batch(fn)
 	} else {
 		err = db.bolt.Update(fn)
@@ -102,6 +140,24 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		db.warnOverQuota(res.snap.Bytes)
 	}
 	return res.events, nil
+}
+
+// envelopeOverhead bounds an envelope's bytes besides its station, type
+// and data: the keys, a seq of 20 digits and a ts of 35 characters.
+const envelopeOverhead = 160
+
+// mayDrop reports whether committing c may take the outbox over its quota,
+// judged from the last snapshot and an upper bound of c's envelopes.
+func (db *DB) mayDrop(c edged.Change) bool {
+	if len(c.Events) == 0 {
+		return false
+	}
+	var add int64
+	for _, e := range c.Events {
+		add += int64(len(e.Station)+len(e.Type)+len(e.Data)) + envelopeOverhead
+	}
+	s := db.snapshot()
+	return s.Bytes+add > db.opts.OutboxMaxBytes
 }
 
 // groupable reports whether c is worth waiting for a group commit: device
@@ -172,7 +228,7 @@ type encoded struct {
 
 // commitTx is the body of a commit. It reads everything it needs from tx,
 // so it may run any number of times.
-func (db *DB) commitTx(tx *bolt.Tx, c edged.Change, enc encoded, res *commitResult) error {
+func (db *DB) commitTx(tx *bolt.Tx, c edged.Change, enc encoded, mayDrop bool, res *commitResult) error {
 	rb := tx.Bucket(bucketRentals)
 	for i, r := range c.Rentals {
 		if err := rb.Put([]byte(r.ID), enc.rentals[i]); err != nil {
@@ -217,12 +273,14 @@ func (db *DB) commitTx(tx *bolt.Tx, c edged.Change, enc encoded, res *commitResu
 		}
 		st.Seq++
 		e.Seq = st.Seq
-		if err := appendEvent(tx, &st, e); err != nil {
+		e.TS = e.TS.UTC() // §3.3: times in UTC, in the stored envelope too
+		e.Raw = nil
+		if _, err := appendEvent(tx, &st, e); err != nil {
 			return err
 		}
 		res.events[i] = e
 	}
-	if st.Bytes > db.opts.OutboxMaxBytes && st.DropBytes > 0 {
+	if mayDrop && st.Bytes > db.opts.OutboxMaxBytes && st.DropBytes > 0 {
 		last := c.Events[len(c.Events)-1]
 		if err := db.drop(tx, &st, last, res); err != nil {
 			return err
@@ -236,19 +294,20 @@ func (db *DB) commitTx(tx *bolt.Tx, c edged.Change, enc encoded, res *commitResu
 	return nil
 }
 
-// appendEvent logs e and queues it in the outbox.
-func appendEvent(tx *bolt.Tx, st *state, e edged.Event) error {
+// appendEvent logs e and queues it in the outbox. It returns the envelope
+// as stored: the bytes the uplink publishes (§3.3).
+func appendEvent(tx *bolt.Tx, st *state, e edged.Event) ([]byte, error) {
 	v, err := json.Marshal(e)
 	if err != nil {
-		return internalErr("encode event", err)
+		return nil, internalErr("encode event", err)
 	}
 	k := u64(e.Seq)
 	if err := tx.Bucket(bucketEvents).Put(k, v); err != nil {
-		return err
+		return nil, err
 	}
 	en := entry{droppable: e.Type.Droppable(), size: int64(len(v)), ts: e.TS}
 	if err := tx.Bucket(bucketOutbox).Put(k, encodeEntry(en)); err != nil {
-		return err
+		return nil, err
 	}
 	st.Events++
 	st.Bytes += en.size
@@ -257,7 +316,7 @@ func appendEvent(tx *bolt.Tx, st *state, e edged.Event) error {
 	} else {
 		st.LastKept = e.Seq
 	}
-	return nil
+	return v, nil
 }
 
 // drop removes the oldest droppable events until the outbox is at the low
@@ -270,13 +329,16 @@ func (db *DB) drop(tx *bolt.Tx, st *state, like edged.Event, res *commitResult) 
 	var d edged.OutboxDroppedData
 	// Events Pending handed out may be on their way to the cloud: dropping
 	// one would count it both delivered and dropped, so they are kept.
-	from := max(st.DropFrom, db.handed.Load()+1)
+	// Delivered events are not queued any more, whatever the outbox still
+	// holds of them.
+	base := max(st.DropFrom, st.Delivered+1)
+	from := max(base, db.handed.Load()+1)
 	cur := ob.Cursor()
 	k, v := cur.Seek(u64(from))
 	for k != nil && st.Bytes > low && st.DropBytes > 0 {
 		en := decodeEntry(v)
 		seq := seqOf(k)
-		if !en.droppable {
+		if !en.droppable || st.delivered(seq) {
 			k, v = cur.Next()
 			continue
 		}
@@ -301,7 +363,7 @@ func (db *DB) drop(tx *bolt.Tx, st *state, like edged.Event, res *commitResult) 
 	// Every queued event below DropFrom is kept. Handed-out events are kept
 	// only for this process's life (after a restart they are droppable
 	// again), so DropFrom stays put when the scan skipped them.
-	if from == st.DropFrom {
+	if from == base {
 		if k == nil {
 			st.DropFrom = st.Seq + 1
 		} else {
@@ -327,7 +389,7 @@ func (db *DB) drop(tx *bolt.Tx, st *state, like edged.Event, res *commitResult) 
 	if e.TS.IsZero() {
 		e.TS = db.opts.Now().UTC()
 	}
-	if err := appendEvent(tx, st, e); err != nil {
+	if _, err := appendEvent(tx, st, e); err != nil {
 		return err
 	}
 	st.LastDropped = e.Seq
@@ -340,7 +402,7 @@ func (db *DB) drop(tx *bolt.Tx, st *state, like edged.Event, res *commitResult) 
 // keeps the first version of a seq it sees).
 func (db *DB) extendDropped(tx *bolt.Tx, st *state, d edged.OutboxDroppedData) (bool, error) {
 	seq := st.LastDropped
-	if seq == 0 || seq != st.LastKept || seq <= db.startSeq || seq <= db.handed.Load() {
+	if seq == 0 || seq != st.LastKept || seq <= db.startSeq || seq <= db.handed.Load() || st.delivered(seq) {
 		return false, nil
 	}
 	key := u64(seq)

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"time"
 
 	"github.com/stationedge/edged"
@@ -13,22 +14,30 @@ import (
 const pruneBatch = 512
 
 // Pending returns up to limit queued events with seq > after, in seq order
-// (limit <= 0 or over 10000 means 10000). Errors: EUNAVAILABLE.
+// (limit <= 0 or over 10000 means 10000), each with its stored envelope in
+// Raw. It reads in a bbolt read transaction, concurrent with commits.
+// Errors: EUNAVAILABLE.
 func (db *DB) Pending(ctx context.Context, after uint64, limit int) ([]edged.Event, error) {
 	if err := ctxErr(ctx); err != nil {
 		return nil, err
 	}
 	limit = pageLimit(limit)
-	// Exclusive against commits, so no commit can rewrite an event between
-	// this read and the mark of what was handed out.
-	db.outMu.Lock()
-	defer db.outMu.Unlock()
+	// Shared: only a commit that may drop waits for it (see handMu).
+	db.handMu.RLock()
+	defer db.handMu.RUnlock()
 	var out []edged.Event
 	err := db.bolt.View(func(tx *bolt.Tx) error {
 		out = out[:0]
+		st, err := readState(tx)
+		if err != nil {
+			return err
+		}
 		ev := tx.Bucket(bucketEvents)
 		cur := tx.Bucket(bucketOutbox).Cursor()
-		for k, _ := cur.Seek(u64(after + 1)); k != nil && len(out) < limit; k, _ = cur.Next() {
+		for k, _ := cur.Seek(u64(max(after, st.Delivered) + 1)); k != nil && len(out) < limit; k, _ = cur.Next() {
+			if st.delivered(seqOf(k)) {
+				continue
+			}
 			v := ev.Get(k)
 			if v == nil {
 				return edged.Errorf(edged.EINTERNAL, "queued event %d is missing from the log", seqOf(k))
@@ -37,6 +46,8 @@ func (db *DB) Pending(ctx context.Context, after uint64, limit int) ([]edged.Eve
 			if err := json.Unmarshal(v, &e); err != nil {
 				return internalErr("decode event", err)
 			}
+			// bbolt's bytes live only as long as the transaction.
+			e.Raw = append(json.RawMessage(nil), v...)
 			out = append(out, e)
 		}
 		return nil
@@ -45,15 +56,23 @@ func (db *DB) Pending(ctx context.Context, after uint64, limit int) ([]edged.Eve
 		return nil, storeErr("read outbox", err)
 	}
 	if n := len(out); n > 0 {
-		if last := out[n-1].Seq; last > db.handed.Load() {
-			db.handed.Store(last)
+		for last, h := out[n-1].Seq, db.handed.Load(); last > h; h = db.handed.Load() {
+			if db.handed.CompareAndSwap(h, last) {
+				break
+			}
 		}
 	}
 	return out, nil
 }
 
-// Ack removes delivered events from the outbox; they stay in the log until
-// log retention prunes them. Unknown seqs are ignored. Errors: EUNAVAILABLE.
+// Ack marks delivered events: it moves the delivered watermark (and the
+// seqs acked beyond it) and the outbox counters in a small write that rides
+// in the transaction of a concurrent commit when there is one, so a busy
+// station pays no fsync for its acks; an idle one writes them in a
+// transaction of their own. It is durable when it returns. The outbox
+// entries and, past retention, the log's copies are deleted later in
+// bounded background batches. Unknown seqs are ignored. Errors:
+// EUNAVAILABLE.
 func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 	if err := ctxErr(ctx); err != nil {
 		return err
@@ -61,66 +80,191 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 	if len(seqs) == 0 {
 		return nil
 	}
-	var snap *snapshot
-	// One releaser at a time (the uplink's acker) calls Ack: a batch would
-	// only add bbolt's batch delay to every release.
-	err := db.bolt.Update(func(tx *bolt.Tx) error {
-		snap = nil
+	req := &ackReq{seqs: seqs, done: make(chan struct{})}
+	db.ackMu.Lock()
+	db.acks = append(db.acks, req)
+	db.ackMu.Unlock()
+	// A commit in flight may take the ack into its transaction: wait for
+	// it to end, then write the ack alone if it did not.
+	db.endMu.Lock()
+	ended := db.endCh
+	db.endMu.Unlock()
+	if db.committing.Load() > 0 {
+		select {
+		case <-req.done:
+			return db.afterAck()
+		case <-ended:
+		}
+	}
+	select {
+	case <-req.done:
+		return db.afterAck()
+	default:
+	}
+	err := db.update("ack", func(tx *bolt.Tx) error {
+		taken, err := db.takeAcks(tx)
+		if err != nil || len(taken) == 0 {
+			return err
+		}
 		st, err := readState(tx)
 		if err != nil {
 			return err
 		}
-		ob, ev := tx.Bucket(bucketOutbox), tx.Bucket(bucketEvents)
-		cutoff := db.logCutoff(st)
-		changed := false
-		for _, seq := range seqs {
-			k := u64(seq)
-			v := ob.Get(k)
+		// No commit is waiting on this transaction: it takes a bounded
+		// share of the release and the log prune along, sparing the
+		// background a transaction of its own.
+		released, err := releaseTx(tx, &st, db.logCutoff(st), pruneBatch)
+		if err != nil {
+			return err
+		}
+		pruned, err := pruneLogTx(tx, &st, db.logCutoff(st))
+		if err != nil {
+			return err
+		}
+		if released+pruned > 0 {
+			if err := writeState(tx, &st); err != nil {
+				return err
+			}
+		}
+		db.ackedOnCommit(tx, takeSnapshot(tx, st), taken)
+		return nil
+	})
+	if err != nil {
+		// Not durable: the caller acks again later. Unless a commit
+		// carried it meanwhile, it leaves the queue, which must not grow
+		// while the disk refuses writes.
+		db.ackMu.Lock()
+		db.acks = slices.DeleteFunc(db.acks, func(r *ackReq) bool { return r == req })
+		db.ackMu.Unlock()
+		select {
+		case <-req.done:
+			return db.afterAck()
+		default:
+		}
+		return err
+	}
+	return db.afterAck()
+}
+
+// ackReq is an Ack waiting for a transaction to carry it; done is closed
+// once one did.
+type ackReq struct {
+	seqs []uint64
+	done chan struct{}
+}
+
+// afterAck wakes the background release when delivered entries pile up.
+func (db *DB) afterAck() error {
+	if db.releaseBacklog.Load() >= releaseKick {
+		select {
+		case db.kick <- struct{}{}:
+		default:
+		}
+	}
+	return nil
+}
+
+// takeAcks applies every waiting Ack in tx, once per transaction. The acks
+// stay queued until the transaction commits (ackedOnCommit), so a rolled
+// back transaction loses none: the next one applies them again, and
+// applying an ack twice changes nothing.
+func (db *DB) takeAcks(tx *bolt.Tx) ([]*ackReq, error) {
+	if db.ackTx == tx {
+		return nil, nil
+	}
+	db.ackTx = tx
+	db.ackMu.Lock()
+	taken := slices.Clone(db.acks)
+	db.ackMu.Unlock()
+	if len(taken) == 0 {
+		return nil, nil
+	}
+	st, err := readState(tx)
+	if err != nil {
+		return nil, err
+	}
+	ob := tx.Bucket(bucketOutbox)
+	above := make(map[uint64]bool, len(st.Above))
+	for _, s := range st.Above {
+		above[s] = true
+	}
+	changed := false
+	for _, r := range taken {
+		for _, seq := range r.seqs {
+			if seq <= st.Delivered || seq > st.Seq || above[seq] {
+				continue
+			}
+			v := ob.Get(u64(seq))
 			if v == nil {
 				continue
 			}
 			en := decodeEntry(v)
-			if err := ob.Delete(k); err != nil {
-				return err
-			}
-			// An old event acked after the log prune passed it.
-			if seq <= cutoff && seq < st.LogFrom {
-				if err := ev.Delete(k); err != nil {
-					return err
-				}
-			}
 			st.Events--
 			st.Bytes -= en.size
 			if en.droppable {
 				st.DropBytes -= en.size
 			}
+			above[seq] = true
 			changed = true
 		}
-		if n, err := pruneLogTx(tx, &st, cutoff); err != nil {
-			return err
-		} else if n > 0 {
-			changed = true
-		}
-		if !changed {
-			return nil
-		}
-		if err := writeState(tx, &st); err != nil {
-			return err
-		}
-		s := takeSnapshot(tx, st)
-		snap = &s
-		return nil
-	})
-	err = storeErr("ack", err)
-	if snap != nil || err != nil {
-		db.setHealth(err)
 	}
-	if err != nil {
-		return err
+	if !changed {
+		return taken, nil
 	}
-	db.apply(snap)
-	return nil
+	// The watermark moves over every queued seq acked in a row; the seqs
+	// missing in between were dropped or released already.
+	cur := ob.Cursor()
+	for k, _ := cur.Seek(u64(st.Delivered + 1)); k != nil && above[seqOf(k)]; k, _ = cur.Next() {
+		st.Delivered = seqOf(k)
+		delete(above, st.Delivered)
+	}
+	st.Above = st.Above[:0]
+	for s := range above {
+		if s > st.Delivered {
+			st.Above = append(st.Above, s)
+		}
+	}
+	slices.Sort(st.Above)
+	if k, _ := ob.Cursor().First(); k != nil && seqOf(k) <= st.Delivered {
+		db.releaseBacklog.Store(st.Delivered - seqOf(k))
+	}
+	return taken, writeState(tx, &st)
 }
+
+// ackedOnCommit installs snap (the state once tx's functions ran) and
+// releases the Acks taken, once tx has committed.
+func (db *DB) ackedOnCommit(tx *bolt.Tx, snap snapshot, taken []*ackReq) {
+	if len(taken) == 0 {
+		return
+	}
+	tx.OnCommit(func() {
+		db.apply(&snap)
+		// bbolt runs commit handlers after it lets the next writer in, so
+		// that one may have taken (and committed) the same acks: each is
+		// released once.
+		var released []*ackReq
+		db.ackMu.Lock()
+		db.acks = slices.DeleteFunc(db.acks, func(r *ackReq) bool {
+			if slices.Contains(taken, r) {
+				released = append(released, r)
+				return true
+			}
+			return false
+		})
+		db.ackMu.Unlock()
+		for _, r := range released {
+			close(r.done)
+		}
+	})
+}
+
+// releaseBatch bounds the outbox entries of delivered events (13 bytes
+// each) one transaction deletes; releaseKick is how many waiting wake the
+// background release before its next tick.
+const (
+	releaseBatch = 4096
+	releaseKick  = releaseBatch
+)
 
 // logCutoff is the newest seq the log may prune once delivered.
 func (db *DB) logCutoff(st state) uint64 {
@@ -128,6 +272,33 @@ func (db *DB) logCutoff(st state) uint64 {
 		return 0
 	}
 	return st.Seq - uint64(db.opts.LogRetain)
+}
+
+// releaseTx deletes up to limit outbox entries of delivered events
+// (at or below the watermark), and the log's copies of those past
+// retention.
+func releaseTx(tx *bolt.Tx, st *state, cutoff uint64, limit int) (int, error) {
+	ob, ev := tx.Bucket(bucketOutbox), tx.Bucket(bucketEvents)
+	cur := ob.Cursor()
+	n := 0
+	for k, _ := cur.First(); k != nil && n < limit; k, _ = cur.Seek(u64(seqOf(k) + 1)) {
+		seq := seqOf(k)
+		if seq > st.Delivered {
+			break
+		}
+		key := u64(seq)
+		if err := ob.Delete(key); err != nil {
+			return n, err
+		}
+		// An old event delivered after the log prune passed it.
+		if seq <= cutoff && seq < st.LogFrom {
+			if err := ev.Delete(key); err != nil {
+				return n, err
+			}
+		}
+		n++
+	}
+	return n, nil
 }
 
 // pruneLogTx deletes up to pruneBatch delivered events at or below cutoff,
@@ -145,7 +316,7 @@ func pruneLogTx(tx *bolt.Tx, st *state, cutoff uint64) (int, error) {
 		if seq > cutoff {
 			break
 		}
-		if ob.Get(k) != nil {
+		if ob.Get(k) != nil && !st.delivered(seq) {
 			k, _ = cur.Next()
 			continue
 		}
@@ -167,36 +338,70 @@ func pruneLogTx(tx *bolt.Tx, st *state, cutoff uint64) (int, error) {
 	return max(n, 1), nil
 }
 
-// pruneLog prunes the log in bounded transactions until it is within
-// retention, writing nothing when there is nothing to prune.
+// pruneLog releases delivered outbox entries and prunes the log in bounded
+// transactions until both are done, writing nothing when there is nothing
+// to do.
 func (db *DB) pruneLog() error {
-	for range 64 {
-		if s := db.snapshot(); s.LogFrom > db.logCutoff(s.state) {
-			return nil
+	for range 256 {
+		more, err := db.pruneOnce()
+		if err != nil || !more {
+			return err
 		}
-		var snap *snapshot
-		err := db.update("prune event log", func(tx *bolt.Tx) error {
-			snap = nil
-			st, err := readState(tx)
-			if err != nil {
-				return err
-			}
-			if _, err := pruneLogTx(tx, &st, db.logCutoff(st)); err != nil {
-				return err
-			}
-			if err := writeState(tx, &st); err != nil {
-				return err
-			}
-			s := takeSnapshot(tx, st)
-			snap = &s
-			return nil
-		})
+	}
+	return nil
+}
+
+// pruneOnce runs one bounded release and prune transaction, when there is
+// work. It reports whether there may be more.
+func (db *DB) pruneOnce() (bool, error) {
+	s := db.snapshot()
+	if s.LogFrom > db.logCutoff(s.state) && !db.releasable() {
+		return false, nil
+	}
+	var snap *snapshot
+	more := false
+	err := db.update("prune event log", func(tx *bolt.Tx) error {
+		snap, more = nil, false
+		st, err := readState(tx)
 		if err != nil {
 			return err
 		}
-		db.apply(snap)
+		released, err := releaseTx(tx, &st, db.logCutoff(st), releaseBatch)
+		if err != nil {
+			return err
+		}
+		pruned, err := pruneLogTx(tx, &st, db.logCutoff(st))
+		if err != nil {
+			return err
+		}
+		more = released == releaseBatch || pruned > 0
+		if err := writeState(tx, &st); err != nil {
+			return err
+		}
+		s := takeSnapshot(tx, st)
+		snap = &s
+		return nil
+	})
+	if err != nil {
+		return false, err
 	}
-	return nil
+	db.apply(snap)
+	return more, nil
+}
+
+// releasable reports whether the outbox holds entries of delivered events.
+func (db *DB) releasable() bool {
+	found := false
+	_ = db.bolt.View(func(tx *bolt.Tx) error {
+		st, err := readState(tx)
+		if err != nil {
+			return err
+		}
+		k, _ := tx.Bucket(bucketOutbox).Cursor().First()
+		found = k != nil && seqOf(k) <= st.Delivered
+		return nil
+	})
+	return found
 }
 
 // OutboxStats describes the queue; now gives the oldest event's age.

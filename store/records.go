@@ -216,34 +216,78 @@ func (db *DB) SaveDeviceStateNow(ctx context.Context, s edged.DeviceState) error
 	if err := ctxErr(ctx); err != nil {
 		return err
 	}
-	db.flushMu.Lock()
-	defer db.flushMu.Unlock()
 	db.devMu.Lock()
-	if cur, ok := db.devBuf[s.DeviceID]; ok && cur.state.Version > s.Version {
-		s = cur.state
-	} else {
-		s = s.Clone()
+	if cur, ok := db.devBuf[s.DeviceID]; !ok || cur.state.Version <= s.Version {
+		db.devVer++
+		db.devBuf[s.DeviceID] = bufferedState{state: s.Clone(), ver: db.devVer}
 	}
-	db.devVer++
-	ver := db.devVer
-	db.devBuf[s.DeviceID] = bufferedState{state: s, ver: ver}
 	db.devMu.Unlock()
-	v, err := json.Marshal(s)
-	if err != nil {
-		return internalErr("encode device state", err)
-	}
-	err = db.update("save device state", func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketDevices).Put([]byte(s.DeviceID), v)
+	// The transaction writes whatever the buffer holds for the device
+	// then: s or a newer state. When the buffer holds nothing, a commit
+	// that took it has written it, durably, since.
+	return db.update("save device state", func(tx *bolt.Tx) error {
+		return db.writeDevices(tx, []string{s.DeviceID})
 	})
-	if err != nil {
-		return err // still buffered: a later flush writes it
-	}
+}
+
+// writeDevices writes the buffered states of ids (those still buffered) in
+// tx, and forgets each once tx commits unless it was saved again
+// meanwhile. Copying inside the transaction puts the states in the file in
+// transaction order, so an older copy never overwrites a newer one.
+func (db *DB) writeDevices(tx *bolt.Tx, ids []string) error {
+	taken := make([]bufferedState, 0, len(ids))
 	db.devMu.Lock()
-	if cur, ok := db.devBuf[s.DeviceID]; ok && cur.ver == ver {
-		delete(db.devBuf, s.DeviceID)
+	for _, id := range ids {
+		if b, ok := db.devBuf[id]; ok {
+			taken = append(taken, b)
+		}
 	}
 	db.devMu.Unlock()
+	if len(taken) == 0 {
+		return nil
+	}
+	b := tx.Bucket(bucketDevices)
+	for _, t := range taken {
+		v, err := json.Marshal(t.state)
+		if err != nil {
+			return internalErr("encode device state", err)
+		}
+		if err := b.Put([]byte(t.state.DeviceID), v); err != nil {
+			return err
+		}
+	}
+	tx.OnCommit(func() {
+		db.devMu.Lock()
+		defer db.devMu.Unlock()
+		for _, t := range taken {
+			if cur, ok := db.devBuf[t.state.DeviceID]; ok && cur.ver == t.ver {
+				delete(db.devBuf, t.state.DeviceID)
+			}
+		}
+	})
 	return nil
+}
+
+// rideDevices writes up to flushChunk buffered device states in the write
+// transaction of a commit or an ack, once per transaction, so a busy
+// station pays one fsync for its events and its states; the periodic flush
+// is left the idle times.
+func (db *DB) rideDevices(tx *bolt.Tx) error {
+	if db.devTx == tx {
+		return nil
+	}
+	db.devTx = tx
+	db.devMu.Lock()
+	ids := make([]string, 0, min(len(db.devBuf), flushChunk))
+	for id := range db.devBuf {
+		if len(ids) == flushChunk {
+			break
+		}
+		ids = append(ids, id)
+	}
+	db.devMu.Unlock()
+	sort.Strings(ids) // in key order, bbolt touches each page once
+	return db.writeDevices(tx, ids)
 }
 
 // DeviceStates returns the last saved state of every device, the buffered
@@ -287,58 +331,34 @@ func (db *DB) DeviceStates(ctx context.Context) ([]edged.DeviceState, error) {
 	return out, nil
 }
 
-// flushDevices writes the buffered device states in one transaction and
-// forgets those not saved again meanwhile.
+// flushDevices writes the buffered device states, a few hundred per
+// transaction: one big transaction would hold bbolt's only writer for long
+// enough to stall the rentals' commits. States saved again meanwhile stay
+// buffered for the next flush.
 func (db *DB) flushDevices() error {
-	db.flushMu.Lock()
-	defer db.flushMu.Unlock()
 	db.devMu.Lock()
-	if len(db.devBuf) == 0 {
-		db.devMu.Unlock()
-		return nil
-	}
-	pending := make(map[string]bufferedState, len(db.devBuf))
 	ids := make([]string, 0, len(db.devBuf))
-	for id, b := range db.devBuf {
-		pending[id] = b
+	for id := range db.devBuf {
 		ids = append(ids, id)
 	}
 	db.devMu.Unlock()
 	sort.Strings(ids) // in key order, bbolt touches each page once
-
-	// A few hundred states per transaction: one big transaction would hold
-	// bbolt's only writer for long enough to stall the rentals' commits.
 	for len(ids) > 0 {
 		n := min(len(ids), flushChunk)
 		chunk := ids[:n]
 		ids = ids[n:]
-		vals := make([][]byte, len(chunk))
-		for i, id := range chunk {
-			v, err := json.Marshal(pending[id].state)
-			if err != nil {
-				return internalErr("encode device state", err)
-			}
-			vals[i] = v
+		db.devMu.Lock()
+		buffered := slices.ContainsFunc(chunk, func(id string) bool { _, ok := db.devBuf[id]; return ok })
+		db.devMu.Unlock()
+		if !buffered { // a commit took them all meanwhile
+			continue
 		}
 		err := db.update("flush device states", func(tx *bolt.Tx) error {
-			b := tx.Bucket(bucketDevices)
-			for i, id := range chunk {
-				if err := b.Put([]byte(id), vals[i]); err != nil {
-					return err
-				}
-			}
-			return nil
+			return db.writeDevices(tx, chunk)
 		})
 		if err != nil {
 			return err
 		}
-		db.devMu.Lock()
-		for _, id := range chunk {
-			if cur, ok := db.devBuf[id]; ok && cur.ver == pending[id].ver {
-				delete(db.devBuf, id)
-			}
-		}
-		db.devMu.Unlock()
 	}
 	return nil
 }

@@ -11,7 +11,8 @@
 //	          the log, delivered and undelivered events alike
 //	outbox    seq -> class (1 byte: 1 droppable, 0 kept), envelope size
 //	          (4 bytes), event ts in Unix ns (8 bytes): the index of
-//	          undelivered events; the envelope itself stays in events
+//	          undelivered events (and of delivered ones not yet
+//	          released, see Delivery); the envelope itself stays in events
 //	rentals   rental id -> JSON edged.Rental
 //	commands  cmd id -> JSON edged.CommandRecord
 //	results   edged.ResultKey -> JSON edged.ResultRecord: the result each
@@ -20,19 +21,37 @@
 //	devices   device id -> JSON edged.DeviceState
 //
 // The meta "state" record holds the last seq, the outbox's size (events,
-// bytes, droppable bytes), the total of dropped events and a few scan
-// positions. It is rewritten in the same transaction as every change to the
+// bytes, droppable bytes), the total of dropped events, the delivered
+// watermark and a few scan positions. It is rewritten in the same transaction as every change to the
 // outbox, so the counters can never disagree with the buckets, and the seq
 // survives restarts without gaps.
 //
 // # Commits
 //
-// Commit runs in bbolt's DB.Batch, which groups concurrent committers into
-// one fsynced transaction. A batch function may run more than once, so it
-// derives everything from the transaction (never from memory) and the
-// in-memory copy of the counters is replaced only after the transaction
-// succeeded: each transaction bumps a generation number and the newest
-// generation wins.
+// A Commit of device events runs in bbolt's DB.Batch, which groups
+// concurrent committers into one fsynced transaction; any other Commit
+// (the station's, which merges its changes itself) runs at once. Every
+// commit's transaction also carries the Acks waiting and up to 256
+// buffered device states, so a busy station pays one fsync for all of it.
+// A batch function may run more than once, so it derives everything from
+// the transaction (never from memory) and the in-memory copy of the
+// counters is replaced only after the transaction succeeded: each
+// transaction bumps a generation number and the newest generation wins.
+// Each event is encoded once, in the transaction that assigns its seq; the
+// stored envelope is what Pending returns in Event.Raw, for the uplink to
+// publish as is.
+//
+// # Delivery
+//
+// Pending reads in a bbolt read transaction, concurrent with the writer.
+// Ack moves a persisted watermark: every event at or below "delivered" is
+// delivered, and the few seqs acked out of order beyond it (within the
+// uplink's window) are listed beside it; the outbox counters move in the
+// same write, so OutboxStats stays exact. An Ack rides in a commit in
+// flight, or writes alone (taking a bounded release along) when there is
+// none; either way it is durable when it returns, so a crash repeats at
+// most the uplink's window. The outbox entries of delivered events are
+// released later, a bounded batch per transaction, in the background.
 //
 // # Quota
 //
@@ -55,22 +74,29 @@
 // counting it as dropped too would break the accounting. (After a crash, the
 // few events the previous process had in flight are droppable again.)
 // Rental and command events are never dropped: when only events that are
-// kept remain, the outbox exceeds its quota and a warning is logged.
+// kept remain, the outbox exceeds its quota and a warning is logged. Only a
+// commit that may cross the quota (judged from the counters before it)
+// drops, holding off Pending from its decision to its commit; commits that
+// each stay under the quota may together cross it by a group's size, and
+// the next commit drops.
 //
 // # Log and retention
 //
 // Delivered events stay in the log until they are older than the newest
-// Options.LogRetain events; they are pruned a bounded number at a time on
-// Ack and in the background. Dropped events leave the log at once. Ended and
+// Options.LogRetain events; they are pruned a bounded number at a time in
+// the background (and by an Ack written alone). Dropped events leave the log at once. Ended and
 // rejected rentals, done command records and result records older than
 // Options.Retention are pruned in the background; starting and active
 // rentals and stop records never are.
 //
 // # Device state
 //
-// SaveDeviceState keeps the latest state per device in memory; a background
-// loop writes the buffer in one transaction every Options.FlushInterval and
-// on Close, to spare the SD card one fsync per telemetry message.
+// SaveDeviceState keeps the latest state per device in memory, to spare the
+// SD card one fsync per telemetry message. Commits and acks carry the
+// buffer along; a background loop writes what is left every
+// Options.FlushInterval (idle times) and on Close. States are copied from
+// the buffer inside the transaction that writes them, so they reach the
+// file in transaction order.
 //
 // # Errors
 //
@@ -88,6 +114,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -110,6 +137,11 @@ type Options struct {
 	// Retention is how long ended or rejected rentals and done command
 	// records are kept as idempotency records; 0 means 7 days.
 	Retention time.Duration
+	// SingleCommitter says the caller groups its changes itself and
+	// commits them from one goroutine (the station's committer): Commit
+	// then never waits out bbolt's batch delay for partners that cannot
+	// come. Acks and device states ride along either way.
+	SingleCommitter bool
 	// Now is the clock used for retention; nil means time.Now.
 	Now func() time.Time
 	// Logger receives the store's warnings; nil discards them.
@@ -164,10 +196,13 @@ type DB struct {
 	// may have been published by an earlier process and are never rewritten.
 	startSeq uint64
 
-	// outMu orders Pending against commits: commits hold it shared for the
-	// whole batch, Pending exclusively while it reads and marks what it
-	// handed out, so an event is never rewritten after Pending returned it.
-	outMu sync.RWMutex
+	// handMu orders Pending against drops: Pending holds it shared while
+	// it reads (in a bbolt read transaction) and marks what it handed out;
+	// only a commit that may drop events (the outbox is near its quota)
+	// holds it exclusively, from its decision to its commit, so an event is
+	// never dropped or rewritten after Pending returned it. Other commits
+	// and Ack never take it.
+	handMu sync.RWMutex
 	// handed is the highest seq Pending has returned.
 	handed atomic.Uint64
 
@@ -178,13 +213,32 @@ type DB struct {
 
 	health atomic.Pointer[error]
 
-	// flushMu serializes writers of device states, so a state written
-	// at once by SaveDeviceStateNow is never overwritten by an older one
-	// a background flush had copied before.
-	flushMu sync.Mutex
-	devMu   sync.Mutex
-	devBuf  map[string]bufferedState
-	devVer  uint64
+	// Device states are copied from devBuf inside the write transaction
+	// that stores them, so they reach the file in transaction order and an
+	// older copy never overwrites a newer one.
+	devMu  sync.Mutex
+	devBuf map[string]bufferedState
+	devVer uint64
+	// devTx is the write transaction that last took buffered states, so
+	// the functions of one batch take them once. Only bbolt's single
+	// writer touches it, under bbolt's writer lock.
+	devTx *bolt.Tx
+
+	// kick asks the background loop to release delivered events now;
+	// releaseBacklog is about how many wait.
+	kick           chan struct{}
+	releaseBacklog atomic.Uint64
+
+	// acks wait (under ackMu) for a write transaction to carry them;
+	// ackTx is the transaction that last took them (writer only, like
+	// devTx). committing counts commits in flight; endCh is closed and
+	// replaced (under endMu) as each ends, for an Ack waiting to ride.
+	ackMu      sync.Mutex
+	acks       []*ackReq
+	ackTx      *bolt.Tx
+	committing atomic.Int64
+	endMu      sync.Mutex
+	endCh      chan struct{}
 
 	warnMu       sync.Mutex
 	lastOverWarn time.Time
@@ -230,6 +284,21 @@ type state struct {
 	// LogFrom: every logged event below it is either pruned or still
 	// queued (an Ack of it prunes it).
 	LogFrom uint64 `json:"log_from"`
+	// Delivered is the watermark: every event at or below it is
+	// delivered. Their outbox entries are deleted lazily, in bounded
+	// batches; until then they are skipped. Above holds the seqs acked
+	// out of order beyond the watermark (a few: the uplink's window).
+	Delivered uint64   `json:"delivered,omitempty"`
+	Above     []uint64 `json:"above,omitempty"`
+}
+
+// delivered reports whether the queued event seq is delivered.
+func (st *state) delivered(seq uint64) bool {
+	if seq <= st.Delivered {
+		return true
+	}
+	_, found := slices.BinarySearch(st.Above, seq)
+	return found
 }
 
 // snapshot is the in-memory copy of the counters after a transaction.
@@ -284,6 +353,8 @@ func Open(path string, opts Options) (*DB, error) {
 		logger: logger,
 		notify: make(chan struct{}, 1),
 		devBuf: make(map[string]bufferedState),
+		kick:   make(chan struct{}, 1),
+		endCh:  make(chan struct{}),
 		stop:   make(chan struct{}),
 	}
 	if err := db.init(); err != nil {
@@ -408,6 +479,10 @@ func (db *DB) background() {
 			if err := db.pruneLog(); err != nil {
 				db.logger.Warn("event log prune failed", "err", err)
 			}
+		case <-db.kick:
+			if err := db.pruneLog(); err != nil {
+				db.logger.Warn("event log prune failed", "err", err)
+			}
 		case <-first.C:
 			db.maintain()
 		case <-maintain.C:
@@ -475,8 +550,12 @@ func writeState(tx *bolt.Tx, st *state) error {
 // takeSnapshot reads the oldest queued event's ts to go with st.
 func takeSnapshot(tx *bolt.Tx, st state) snapshot {
 	s := snapshot{state: st}
-	if _, v := tx.Bucket(bucketOutbox).Cursor().First(); v != nil {
-		s.oldest = decodeEntry(v).ts
+	cur := tx.Bucket(bucketOutbox).Cursor()
+	for k, v := cur.Seek(u64(st.Delivered + 1)); k != nil; k, v = cur.Next() {
+		if !st.delivered(seqOf(k)) {
+			s.oldest = decodeEntry(v).ts
+			break
+		}
 	}
 	return s
 }
