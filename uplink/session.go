@@ -547,11 +547,7 @@ func (s *session) publishEvents(ctx context.Context, client mqtt.Client) (bool, 
 			}
 			limit = s.batchLimit(ev.Seq)
 		}
-		if ev.Station == "" {
-			ev.Station = u.cfg.StationID
-		}
-		ev.TS = ev.TS.UTC()
-		env, err := json.Marshal(ev)
+		env, err := u.envelope(ev)
 		if err != nil {
 			return true, fmt.Errorf("encode event %d: %w", ev.Seq, err)
 		}
@@ -667,11 +663,7 @@ func (s *session) publishLive(ctx context.Context, client mqtt.Client) error {
 			s.live = s.live[1:] // the drain got there first
 			continue
 		}
-		if ev.Station == "" {
-			ev.Station = u.cfg.StationID
-		}
-		ev.TS = ev.TS.UTC()
-		env, err := json.Marshal(ev)
+		env, err := u.envelope(ev)
 		if err != nil {
 			s.live = s.live[1:] // the drain reports it
 			continue
@@ -1023,4 +1015,18 @@ func wait(ctx context.Context, tok mqtt.Token, timeout time.Duration) error {
 	case <-t.C:
 		return fmt.Errorf("no answer within %v", timeout)
 	}
+}
+
+// envelope is an event as published (§3.3): the bytes the store encoded
+// once when it assigned the seq, or, for a store that keeps none, the event
+// encoded here.
+func (u *Uplink) envelope(ev edged.Event) ([]byte, error) {
+	if len(ev.Raw) > 0 && ev.Station != "" {
+		return ev.Raw, nil
+	}
+	if ev.Station == "" {
+		ev.Station = u.cfg.StationID
+	}
+	ev.TS = ev.TS.UTC()
+	return json.Marshal(ev)
 }
