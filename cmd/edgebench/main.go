@@ -2,7 +2,7 @@
 // otherwise choose, mosquitto with a bridge (plus scripts), on the same
 // machine in the same run, and prints one markdown table.
 //
-//	go run ./cmd/edgebench            # full run, about 12 minutes
+//	go run ./cmd/edgebench            # full run, about 14 minutes
 //	go run ./cmd/edgebench -quick     # about 4 minutes
 //	go run ./cmd/edgebench -only ingest,drain
 //
