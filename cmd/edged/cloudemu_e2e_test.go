@@ -257,18 +257,21 @@ func (s *emuStation) device(id string) *devicesim.Device {
 	return d
 }
 
-// restart stops edged with sig and starts it again on the same store.
-func (s *emuStation) restart(sig syscall.Signal) {
-	s.t.Helper()
-	s.stop(sig)
-	s.d = startDaemon(s.t, s.bin, s.config, s.local, s.logPath)
-}
-
-// stop ends edged with sig and waits for it to exit.
+// stop ends edged with sig and waits for it to exit. A stop that hangs
+// fails the test (and the process is killed) rather than the test run.
 func (s *emuStation) stop(sig syscall.Signal) {
 	s.t.Helper()
 	s.d.cmd.Process.Signal(sig)
-	s.d.cmd.Wait()
+	exited := make(chan struct{})
+	go func() { s.d.cmd.Wait(); close(exited) }()
+	select {
+	case <-exited:
+	case <-time.After(60 * time.Second):
+		s.d.cmd.Process.Signal(syscall.SIGKILL)
+		<-exited
+		s.d.log.Close()
+		s.t.Fatalf("edged did not exit within 60 s of %v", sig)
+	}
 	s.d.log.Close()
 }
 
@@ -476,8 +479,9 @@ func TestEmuCloudRestart(t *testing.T) {
 				high, _ := checkOrder(t, evs)
 				return high >= 200
 			})
-			s.restart(syscall.SIGTERM)
+			s.stop(syscall.SIGTERM)
 			mid, _ := checkOrder(t, s.events(batch))
+			s.d = startDaemon(t, s.bin, s.config, s.local, s.logPath)
 			if mid >= n {
 				t.Fatalf("the backlog was drained (seq %d) before the restart: the test shows nothing", mid)
 			}
