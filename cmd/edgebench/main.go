@@ -2,7 +2,7 @@
 // otherwise choose, mosquitto with a bridge (plus scripts), on the same
 // machine in the same run, and prints one markdown table.
 //
-//	go run ./cmd/edgebench            # full run, about 12 minutes
+//	go run ./cmd/edgebench            # full run, about 14 minutes
 //	go run ./cmd/edgebench -quick     # about 4 minutes
 //	go run ./cmd/edgebench -only ingest,drain
 //
@@ -11,7 +11,8 @@
 // them with simulated devices and a stand-in cloud in this process, reads
 // CPU, memory and disk writes from /proc, and removes everything it started
 // and wrote when it ends. Scenarios: ingest, rental, drain, footprint,
-// wear, restart. Targets are reported, never asserted; CI does not run it.
+// wear, restart, profiles (the drain through the cloud emulators of
+// internal/cloudemu). Targets are reported, never asserted; CI does not run it.
 // BENCHMARKS.md holds the method and the last results.
 package main
 
@@ -40,7 +41,7 @@ func main() {
 	os.Exit(run(*quick, *only, *keep, *verbose, *cases))
 }
 
-var scenarioNames = []string{"ingest", "rental", "drain", "footprint", "wear", "restart"}
+var scenarioNames = []string{"ingest", "rental", "drain", "footprint", "wear", "restart", "profiles"}
 
 func run(quick bool, only string, keep, verbose bool, cases string) int {
 	want := map[string]bool{}
@@ -108,6 +109,7 @@ func run(quick bool, only string, keep, verbose bool, cases string) int {
 	scenarios := map[string]func(*table) error{
 		"ingest": b.scenarioIngest, "rental": b.scenarioRental, "drain": b.scenarioDrain,
 		"footprint": b.scenarioFootprint, "wear": b.scenarioWear, "restart": b.scenarioRestart,
+		"profiles": b.scenarioProfiles,
 	}
 	for _, name := range scenarioNames {
 		if len(want) > 0 && !want[name] {

@@ -91,8 +91,11 @@ func freeAddr() string {
 type edgedOptions struct {
 	devices   int
 	uplinkURL string // "" for offline only
-	dataDir   string // reused across restarts; default dir/data
-	notify    string // NOTIFY_SOCKET
+	// uplinkExtra is added to the uplink's flow mapping, e.g.
+	// `profile: aws, cert_file: "..."`.
+	uplinkExtra string
+	dataDir     string // reused across restarts; default dir/data
+	notify      string // NOTIFY_SOCKET
 }
 
 // edgedRun is one running edged.
@@ -115,7 +118,11 @@ func (b *bench) writeEdgedConfig(dir, addr string, o edgedOptions) (string, stri
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "station: {id: %s}\ndata_dir: %s\nlocal: {listen: \"%s\"}\n", stationID, data, addr)
 	if o.uplinkURL != "" {
-		fmt.Fprintf(&sb, "uplink: {url: \"%s\", reconnect_max: 1s}\n", o.uplinkURL)
+		extra := ""
+		if o.uplinkExtra != "" {
+			extra = ", " + o.uplinkExtra
+		}
+		fmt.Fprintf(&sb, "uplink: {url: \"%s\", reconnect_max: 1s%s}\n", o.uplinkURL, extra)
 	}
 	sb.WriteString("clock: {assume_synced: true}\nhttp: {listen: \"\"}\nrentals: {start_timeout: 5s}\n")
 	if o.devices == 0 {

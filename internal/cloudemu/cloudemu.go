@@ -391,12 +391,17 @@ func (c *Cloud) Subscribe(filter string, fn func(topic string, payload []byte)) 
 	return nil
 }
 
+// dispatch runs the Subscribe callbacks. Once Close has stopped the
+// broker it delivers what is still queued and returns: every message the
+// emulator acknowledged reaches the subscribers, as a real cloud's rules
+// engine gets every message its broker acknowledged.
 func (c *Cloud) dispatch() {
 	defer c.wg.Done()
 	for {
+		closed := false
 		select {
 		case <-c.done:
-			return
+			closed = true
 		case <-c.notify:
 		}
 		for {
@@ -408,13 +413,11 @@ func (c *Cloud) dispatch() {
 				break
 			}
 			for _, m := range batch {
-				select {
-				case <-c.done:
-					return
-				default:
-				}
 				m.fn(m.topic, m.payload)
 			}
+		}
+		if closed {
+			return
 		}
 	}
 }
@@ -445,18 +448,43 @@ func (c *Cloud) Kick() int {
 	return n
 }
 
-var errKicked = errors.New("kicked by the cloud")
+var (
+	errKicked  = errors.New("kicked by the cloud")
+	errClosing = errors.New("the cloud is closing")
+)
 
 // Close stops the emulator and closes every connection (without wills).
+// Subscribe callbacks get every message acknowledged before it, then no
+// more.
 func (c *Cloud) Close() error {
 	c.closeOnce.Do(func() {
-		close(c.done)
-		c.closeErr = c.srv.Close()
+		// mochi's Close stops the clients registered when it begins,
+		// then waits for every client: one whose CONNECT was still
+		// being processed then (a station reconnecting just as the
+		// cloud goes away) would be waited for forever, its connection
+		// open. So latecomers are stopped until Close returns.
+		closed := make(chan error, 1)
+		go func() { closed <- c.srv.Close() }()
+		tick := time.NewTicker(10 * time.Millisecond)
+		for waiting := true; waiting; {
+			select {
+			case c.closeErr = <-closed:
+				waiting = false
+			case <-tick.C:
+				for _, cl := range c.srv.Clients.GetAll() {
+					if !cl.Net.Inline && !cl.Closed() {
+						cl.Stop(errClosing)
+					}
+				}
+			}
+		}
+		tick.Stop()
 		if c.hl != nil {
 			c.hl.Close()
 		} else {
 			c.ln.Close()
 		}
+		close(c.done)
 		c.wg.Wait()
 	})
 	return c.closeErr

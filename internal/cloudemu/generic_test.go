@@ -3,11 +3,14 @@ package cloudemu
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"strings"
 	"testing"
 	"time"
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
+	mochi "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 func TestGenericHasNoLimitsByDefault(t *testing.T) {
@@ -111,4 +114,69 @@ func TestKickClosesConnectionsAndSendsWills(t *testing.T) {
 	})
 	wantViolations(t, c, map[string]int{})
 	mustDial(t, c, "station", nil).stillUp(t)
+}
+
+// slowEstablish holds a client between its CONNECT and mochi registering
+// it, where a station reconnecting just as the cloud goes away may be.
+type slowEstablish struct {
+	mochi.HookBase
+	entered, release chan struct{}
+}
+
+func (h *slowEstablish) ID() string           { return "slow-establish" }
+func (h *slowEstablish) Provides(b byte) bool { return b == mochi.OnSessionEstablish }
+func (h *slowEstablish) OnSessionEstablish(*mochi.Client, packets.Packet) {
+	close(h.entered)
+	<-h.release
+}
+
+// TestCloseWithConnectInProgress: Close returns, and closes the
+// connection, when a client's CONNECT is being processed as it begins;
+// mochi alone waits forever for such a client, its connection open.
+func TestCloseWithConnectInProgress(t *testing.T) {
+	c, err := Start(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &slowEstablish{entered: make(chan struct{}), release: make(chan struct{})}
+	if err := c.srv.AddHook(h, nil); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := net.Dial("tcp", c.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "late"}}
+	var b bytes.Buffer
+	pk.ConnectEncode(&b)
+	conn.Write(b.Bytes())
+	<-h.entered
+	done := make(chan struct{})
+	go func() { c.Close(); close(done) }()
+	// Let Close stop the clients it knows and the listener, then let
+	// the late client be registered.
+	waitFor(t, "the listener closed", func() bool {
+		probe, err := net.Dial("tcp", c.Addr())
+		if err == nil {
+			probe.Close()
+		}
+		return err != nil
+	})
+	close(h.release)
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Close did not return with a connect in progress")
+	}
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		if _, err := conn.Read(make([]byte, 64)); err != nil {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				t.Fatal("the late client's connection is still open after Close")
+			}
+			break
+		}
+	}
 }
