@@ -57,7 +57,7 @@ func (b *Broker) authenticate(pk packets.Packet) error {
 	}
 	if pk.Connect.WillFlag {
 		kind, ok := upTopic(id, pk.Connect.WillTopic)
-		if !ok {
+		if !ok || kind == topicGrants { // a will would relay past the rate limit
 			return errWillRefused
 		}
 		if _, err := parse(kind, pk.Connect.WillPayload); err != nil {
@@ -155,6 +155,11 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			case <-b.ctx.Done():
 				t.Stop()
 			}
+		}
+	}
+	if kind == topicGrants {
+		if code, ok := b.admitRelay(cl.ID); !ok {
+			return pk, refusal(v5, qos, code)
 		}
 	}
 	rep, err := parse(kind, pk.Payload)
