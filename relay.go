@@ -1,6 +1,9 @@
 package edged
 
-import "context"
+import (
+	"context"
+	"encoding/json"
+)
 
 // Relayed rentals (§2): while the station's internet is down, the renter's
 // phone hands the cloud's signed rental message to the device, and the
@@ -41,4 +44,95 @@ type RentalResultArgs struct {
 	OK       bool   `json:"ok"`
 	Reason   Reason `json:"reason,omitempty"`
 	DeviceID string `json:"device_id"`
+}
+
+// decision is the rental message a Station is deciding, so that the
+// rental.result events answering it are marked with where it came from.
+type decision struct {
+	rentalID, op string // as in the message's rental.result
+	relayedBy    string // the relaying device, empty for the cloud
+}
+
+// via is what a rental decided now records in Rental.Via.
+func (d decision) via() string {
+	if d.relayedBy != "" {
+		return ViaDevice
+	}
+	return ""
+}
+
+// answers reports whether a rental.result with these ids answers the
+// message being decided (a cancel also decides its grant's result).
+func (d decision) answers(rentalID, op string) bool {
+	return d.op != "" && d.rentalID == rentalID && d.op == op
+}
+
+// RelayRental decides a rental message relayed by device deviceID on
+// devices/D/grants (§2): the cloud's own decision (Rental), with two rules
+// before it. Its rental.result events say "via": "device", and each is
+// answered to the device with a rental_result command once recorded.
+func (s *Station) RelayRental(ctx context.Context, deviceID string, payload []byte) error {
+	if _, ok := s.devices[deviceID]; !ok { // devices is not modified after NewStation
+		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+	}
+	return s.applyRental(ctx, payload, deviceID)
+}
+
+// relayRuleLocked applies the relay's own rules (§2): none is taken
+// without a verify key, since an unsigned grant from a device would be
+// anyone's word, and a device relays only grants for itself.
+func (s *Station) relayRuleLocked(m RentalMessage, relayedBy string) Reason {
+	switch {
+	case s.verifyKey == nil:
+		return ReasonBadSignature
+	case m.DeviceID != relayedBy:
+		return ReasonInvalid
+	}
+	return ""
+}
+
+// markRelayedLocked sets Via in a rental.result that answers a relayed
+// message: the one being decided, when a device relays it, or, for a
+// grant's result decided later (the start's ack or timeout, a cancel), the
+// relayed rental's. Doing it where every event is built keeps the rental
+// rules free of the relay.
+func (s *Station) markRelayedLocked(t EventType, data any) any {
+	if t != EventRentalResult {
+		return data
+	}
+	d, ok := data.(RentalResultData)
+	if !ok || d.Via != "" {
+		return data
+	}
+	switch {
+	case s.deciding.answers(d.RentalID, d.Op):
+		d.Via = s.deciding.via()
+	case d.Op == OpGrant:
+		if l := s.live[d.RentalID]; l != nil {
+			d.Via = l.r.Via
+		}
+	}
+	return d
+}
+
+// answerRelayedLocked sends a rental_result command for each committed
+// rental.result of a relayed message: to the device relaying the message
+// being decided, else to the rental's device, which relayed it. A device
+// that misses its answer relays the message again and gets the same.
+func (s *Station) answerRelayedLocked(ctx context.Context, events []Event) {
+	for _, e := range events {
+		if e.Type != EventRentalResult {
+			continue
+		}
+		var d RentalResultData
+		if json.Unmarshal(e.Data, &d) != nil || d.Via != ViaDevice {
+			continue
+		}
+		to := d.DeviceID
+		if s.deciding.relayedBy != "" && s.deciding.answers(d.RentalID, d.Op) {
+			to = s.deciding.relayedBy
+		}
+		args, _ := json.Marshal(RentalResultArgs{RentalID: d.RentalID, Op: d.Op, OK: d.OK, Reason: d.Reason, DeviceID: d.DeviceID})
+		_ = s.sendLocked(ctx, to, DeviceCommand{CmdID: newCmdID(), Action: ActionRentalResult, Args: args})
+	}
 }

@@ -74,6 +74,7 @@ type Station struct {
 	pending        map[string]*pendingCommand
 	lastCheckpoint time.Time
 	unrecorded     []Change // enforced, not yet durable: retried by Tick
+	deciding       decision // the rental message being decided, if any
 	retryAt        time.Time
 	retryWait      time.Duration
 }
@@ -225,7 +226,7 @@ func (s *Station) Open(ctx context.Context) error {
 			r.State, r.Reason = RentalRejected, ReasonTimeout
 			ch.Rentals = append(ch.Rentals, r)
 			ch.Events = append(ch.Events, s.event(now, EventRentalResult, RentalResultData{
-				RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: ReasonTimeout,
+				RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: ReasonTimeout, Via: r.Via,
 			}))
 			rec.stopOnReturn = true // sent when the device reconnects
 			continue
@@ -395,6 +396,7 @@ func (s *Station) checkpointLocked(ctx context.Context, now time.Time) {
 
 // event builds an event envelope; the store assigns its seq.
 func (s *Station) event(now time.Time, t EventType, data any) Event {
+	data = s.markRelayedLocked(t, data)
 	b, err := json.Marshal(data)
 	if err != nil {
 		panic(fmt.Sprintf("edged: marshal %s data: %v", t, err)) // our own types always marshal
@@ -409,6 +411,7 @@ func (s *Station) commitLocked(ctx context.Context, ch Change) error {
 	for _, e := range ch.Events {
 		s.countLocked(e)
 	}
+	s.answerRelayedLocked(ctx, ch.Events)
 	return nil
 }
 
@@ -639,10 +642,19 @@ func (rec *deviceRecord) view() DeviceState {
 // the message's effect and its result are durable; a refusal is reported as
 // a rental.result event, not as an error.
 func (s *Station) Rental(ctx context.Context, payload []byte) error {
+	return s.applyRental(ctx, payload, "")
+}
+
+// applyRental decides a rental message from the cloud (relayedBy empty) or
+// relayed by device relayedBy (§2): one decision for both, the relay adding
+// only its two rules.
+func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy string) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	m, perr := ParseRentalMessage(payload)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.deciding = decision{rentalID: truncate(m.RentalID), op: truncate(m.Op), relayedBy: relayedBy}
+	defer func() { s.deciding = decision{} }()
 	now := s.clock.Now()
 	refuse := func(reason Reason, record bool) error {
 		ch := Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
@@ -650,13 +662,18 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 		})}}
 		if record {
 			ch.Rentals = []Rental{{ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalRejected,
-				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now}}
+				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, Via: s.deciding.via()}}
 		}
 		s.log.Info("rental message refused", "op", truncate(m.Op), "rental", truncate(m.RentalID), "device", truncate(m.DeviceID), "reason", reason)
 		return s.commitLocked(ctx, ch)
 	}
 	if perr != nil {
 		return refuse(ReasonInvalid, false)
+	}
+	if relayedBy != "" {
+		if reason := s.relayRuleLocked(m, relayedBy); reason != "" {
+			return refuse(reason, false)
+		}
 	}
 	if s.verifyKey != nil {
 		// A message that fails verification is never recorded, so a forged
@@ -732,7 +749,7 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 	cmdID := newCmdID()
 	l := &liveRental{r: Rental{
 		ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalStarting,
-		Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, StartCmdID: cmdID,
+		Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, StartCmdID: cmdID, Via: s.deciding.via(),
 	}, deadline: now.Add(s.startTimeout)}
 	if err := s.commitLocked(ctx, Change{Rentals: []Rental{l.r}}); err != nil {
 		return err
