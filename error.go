@@ -33,8 +33,13 @@ const (
 	ReasonNoRental      Reason = "no_rental"
 	ReasonUnsupported   Reason = "unsupported"
 	ReasonDeviceError   Reason = "device_error"
+	// ReasonUnavailable: the station cannot record the message now (its
+	// store cannot write, §4).
+	ReasonUnavailable Reason = "unavailable"
 
-	// Rental end reasons; expired and device_fault are shared with the above.
+	// Rental end reasons; expired and device_fault are shared with the
+	// above. Cancelled is also a grant's result when it was cancelled
+	// before its start was acknowledged (§3.1).
 	ReasonCancelled   Reason = "cancelled"
 	ReasonRenterEnded Reason = "renter_ended"
 	ReasonOperator    Reason = "operator"

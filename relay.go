@@ -51,6 +51,7 @@ type RentalResultArgs struct {
 type decision struct {
 	rentalID, op string // as in the message's rental.result
 	relayedBy    string // the relaying device, empty for the cloud
+	answered     bool   // the relaying device was sent its rental_result
 }
 
 // via is what a rental decided now records in Rental.Via.
@@ -134,5 +135,24 @@ func (s *Station) answerRelayedLocked(ctx context.Context, events []Event) {
 		}
 		args, _ := json.Marshal(RentalResultArgs{RentalID: d.RentalID, Op: d.Op, OK: d.OK, Reason: d.Reason, DeviceID: d.DeviceID})
 		_ = s.sendLocked(ctx, to, DeviceCommand{CmdID: newCmdID(), Action: ActionRentalResult, Args: args})
+		if to == s.deciding.relayedBy {
+			s.deciding.answered = true
+		}
 	}
+}
+
+// decidedLocked ends the decision of a rental message and returns what its
+// caller gets. A relayed message whose decision the store could not write
+// yet (it waits in memory, §4) was answered unavailable, or with its
+// result, at once: the device has its answer, so the relay is taken rather
+// than refused, which would make an MQTT 3.1.1 device reconnect and resend
+// it in a loop while the disk is full.
+func (s *Station) decidedLocked(err error) error {
+	if err != nil && s.deciding.answered && ErrorCode(err) == EUNAVAILABLE {
+		s.log.Warn("relayed rental answered, its record waits for the store", "device", s.deciding.relayedBy,
+			"rental", s.deciding.rentalID, "op", s.deciding.op, "err", err)
+		err = nil
+	}
+	s.deciding = decision{}
+	return err
 }

@@ -223,3 +223,28 @@ func TestRelayedGrantStartTimeout(t *testing.T) {
 		t.Fatalf("answers = %+v, want timeout", got)
 	}
 }
+
+// While the store cannot write, a relayed grant is answered unavailable at
+// once and taken (no error: the device has its answer); its record is
+// written once the store recovers.
+func TestRelayWhileStoreCannotWrite(t *testing.T) {
+	h := newRelayHarness(t, true)
+	h.online("chair-1", edged.StatusIdle)
+	h.dev.take()
+	seq := h.lastSeq()
+	h.store.setFail(errDiskFull)
+	b, _ := json.Marshal(h.sign("mall-1", grant("r1", "chair-1", "alice", 60)))
+	if err := h.st.RelayRental(ctx, "chair-1", b); err != nil {
+		t.Fatalf("relay on a full disk: %v, want it taken and answered", err)
+	}
+	got, other := h.answers()
+	if a := got["chair-1"]; len(a) != 1 || a[0].OK || a[0].Reason != edged.ReasonUnavailable || len(other) != 0 {
+		t.Fatalf("answers = %+v, other commands %v; want unavailable and nothing started", got, other)
+	}
+	h.store.setFail(nil)
+	h.tick(10 * time.Second)
+	evs := h.since(seq)
+	if len(evs) != 1 || evs[0].Data["reason"] != "unavailable" || evs[0].Data["via"] != "device" {
+		t.Fatalf("written after recovery: %+v, want the refusal via device", evs)
+	}
+}

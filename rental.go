@@ -1,6 +1,9 @@
 package edged
 
-import "time"
+import (
+	"strconv"
+	"time"
+)
 
 // RentalState is where a rental is in its life.
 type RentalState string
@@ -63,4 +66,46 @@ type CommandRecord struct {
 	Reason   Reason    `json:"reason,omitempty"`
 	Error    string    `json:"error,omitempty"`
 	At       time.Time `json:"at"`
+}
+
+// ResultRecord is the result a rental message got, kept so that a
+// redelivery of the same message re-reports it (§3.1) whenever it comes:
+// after the rental ended, past its not_after, after a restart.
+type ResultRecord struct {
+	RentalID string `json:"rental_id"`
+	Op       string `json:"op"`
+	// DurationS is the extend's duration_s; 0 for grant and cancel, which
+	// are idempotent by rental id alone.
+	DurationS int64     `json:"duration_s"`
+	DeviceID  string    `json:"device_id"`
+	OK        bool      `json:"ok"`
+	Reason    Reason    `json:"reason,omitempty"`
+	At        time.Time `json:"at"`
+}
+
+// Key is the record's key: see ResultKey.
+func (r ResultRecord) Key() string { return ResultKey(r.RentalID, r.Op, r.DurationS) }
+
+// ResultKey names the message a result answers: op, rental id and, for an
+// extend, its duration_s. A grant or cancel is the same message whatever
+// its duration, so a grant redelivered with another duration still does
+// not start the device twice. Ids hold no control characters, so the
+// separator is unambiguous.
+func ResultKey(rentalID, op string, durationS int64) string {
+	if op != OpExtend {
+		durationS = 0
+	}
+	return op + "\x00" + rentalID + "\x00" + strconv.FormatInt(durationS, 10)
+}
+
+// StopRecord is a stop the station still has to deliver to a device (§4):
+// kept until the device acknowledges a stop with ok true or reports idle,
+// across restarts.
+type StopRecord struct {
+	DeviceID string `json:"device_id"`
+	// RentalID is the rental that ended; empty for unrented use.
+	RentalID string    `json:"rental_id,omitempty"`
+	Since    time.Time `json:"since"`
+	// Done deletes the record: the stop was delivered.
+	Done bool `json:"-"`
 }

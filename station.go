@@ -1,6 +1,7 @@
 package edged
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -8,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -22,6 +24,13 @@ const CheckpointInterval = 3 * time.Second
 // unrentedRepeat is how often a device that keeps reporting in_use with no
 // rental is stopped again and reported again.
 const unrentedRepeat = 10 * time.Second
+
+// maxStopWait caps the backoff between resends of an outstanding stop (§4).
+const maxStopWait = 60 * time.Second
+
+// stopIDs is how many of an outstanding stop's latest cmd ids are matched
+// to acks: a late ack of an earlier send still counts.
+const stopIDs = 8
 
 // StationOptions configure a Station.
 type StationOptions struct {
@@ -73,10 +82,42 @@ type Station struct {
 	live           map[string]*liveRental // starting and active rentals by id
 	pending        map[string]*pendingCommand
 	lastCheckpoint time.Time
-	unrecorded     []Change // enforced, not yet durable: retried by Tick
-	deciding       decision // the rental message being decided, if any
-	retryAt        time.Time
-	retryWait      time.Duration
+
+	// unrecorded holds the changes decided and enforced while the store
+	// could not write, in decision order; Tick retries them with backoff.
+	// While it is not empty every later change queues behind it, so
+	// events reach the log in the order they were decided. The maps hold
+	// the latest queued record of each key, for lookups meanwhile.
+	unrecorded  []deferredChange
+	unrecordedN atomic.Int64
+	queued      queuedRecords
+	retryAt     time.Time
+	retryWait   time.Duration
+
+	// deciding is the rental message being decided, if any: see relay.go.
+	deciding decision
+}
+
+// maxUnrecorded bounds the changes kept in memory while the store cannot
+// write. Past it, changes holding nothing but droppable events (presence)
+// are dropped and counted; rental records never are.
+const maxUnrecorded = 100000
+
+// maxRetryWait caps the backoff between attempts to write the unrecorded
+// changes, so a store that recovers is used again within seconds.
+const maxRetryWait = 5 * time.Second
+
+type deferredChange struct {
+	ch Change
+	// checkpoint: only rental checkpoints, replaced by a newer checkpoint
+	// queued right behind it.
+	checkpoint bool
+}
+
+type queuedRecords struct {
+	rentals  map[string]Rental
+	commands map[string]CommandRecord
+	results  map[string]ResultRecord
 }
 
 type deviceRecord struct {
@@ -84,11 +125,22 @@ type deviceRecord struct {
 	state DeviceState
 	// snap is a copy of state taken at its last change, shared read-only
 	// with readers, so DeviceStates does not copy every map on every call.
-	snap         *DeviceState
-	rental       *liveRental // starting or active
-	stopOnReturn bool
+	snap   *DeviceState
+	rental *liveRental // starting or active
+	// stop is the stop not yet delivered, nil when none is outstanding.
+	stop         *outstandingStop
 	graceUntil   time.Time // in_use tolerated until then after a rental ends
 	lastUnrented time.Time
+}
+
+// outstandingStop is a stop the device has not yet acknowledged (§4): sent
+// while the device is online, again every wait (doubling up to
+// maxStopWait), until the device acks one with ok true or reports idle.
+type outstandingStop struct {
+	rec  StopRecord
+	ids  []string      // cmd ids sent, newest last, at most stopIDs
+	wait time.Duration // before the next resend
+	due  time.Time     // next resend while online
 }
 
 type liveRental struct {
@@ -114,8 +166,7 @@ type commandKind int
 const (
 	kindStart  commandKind = iota // a rental's start, awaiting its ack
 	kindResync                    // start resent to a running device; ack ignored
-	kindStop
-	kindRenter // a renter's command forwarded to the device
+	kindRenter                    // a renter's command forwarded to the device
 )
 
 type pendingCommand struct {
@@ -153,9 +204,12 @@ func NewStation(o StationOptions) (*Station, error) {
 		if _, dup := s.devices[d.ID]; dup {
 			return nil, Errorf(EINVALID, "device %q declared twice", d.ID)
 		}
+		// A device never seen was last updated when edged first loaded
+		// it, not at the zero time; Open keeps a stored state's time.
 		rec := &deviceRecord{dev: d, state: DeviceState{
 			DeviceID: d.ID, Kind: d.Kind, Transport: d.Transport,
 			Status: StatusUnknown, Telemetry: map[string]any{},
+			UpdatedAt: o.Clock.Now().UTC().Round(time.Millisecond),
 		}}
 		if d.Location != nil {
 			l := *d.Location
@@ -187,6 +241,10 @@ func (s *Station) Open(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("load rentals: %w", err)
 	}
+	stops, err := s.store.Stops(ctx)
+	if err != nil {
+		return fmt.Errorf("load stops: %w", err)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, st := range states {
@@ -209,6 +267,15 @@ func (s *Station) Open(ctx context.Context) error {
 	}
 	now := s.clock.Now()
 	var ch Change
+	for _, st := range stops {
+		rec, ok := s.devices[st.DeviceID]
+		if !ok {
+			ch.Stops = append(ch.Stops, StopRecord{DeviceID: st.DeviceID, Done: true})
+			continue
+		}
+		// Sent when the device comes online; all are offline until then.
+		rec.stop = &outstandingStop{rec: st, wait: s.startTimeout}
+	}
 	for _, r := range rentals {
 		rec, ok := s.devices[r.DeviceID]
 		if !ok || rec.rental != nil {
@@ -223,12 +290,10 @@ func (s *Station) Open(ctx context.Context) error {
 			continue
 		}
 		if r.State == RentalStarting {
-			r.State, r.Reason = RentalRejected, ReasonTimeout
+			r.State, r.Reason, r.StartCmdID = RentalRejected, ReasonTimeout, ""
+			ch = merge(ch, s.grantAnswer(now, r, false, ReasonTimeout))
 			ch.Rentals = append(ch.Rentals, r)
-			ch.Events = append(ch.Events, s.event(now, EventRentalResult, RentalResultData{
-				RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: ReasonTimeout, Via: r.Via,
-			}))
-			rec.stopOnReturn = true // sent when the device reconnects
+			ch.Stops = append(ch.Stops, s.beginStopLocked(now, rec, r.ID)) // sent when the device reconnects
 			continue
 		}
 		used := r.Used
@@ -247,12 +312,11 @@ func (s *Station) Open(ctx context.Context) error {
 		s.log.Info("rental resumed", "rental", r.ID, "device", r.DeviceID, "remaining", r.Remaining(used).Round(time.Second))
 	}
 	s.lastCheckpoint = now
-	if len(ch.Rentals) > 0 || len(ch.Events) > 0 {
-		if _, err := s.store.Commit(ctx, ch); err != nil {
-			return fmt.Errorf("resume rentals: %w", err)
-		}
-		for _, e := range ch.Events {
-			s.countLocked(e)
+	if !ch.Empty() {
+		// A full disk must not keep edged down: the rentals are enforced
+		// now and the record waits for the store.
+		if err := s.commitLocked(ctx, now, ch); err != nil {
+			s.log.Error("resume rentals: the record waits for the store", "err", err)
 		}
 	}
 	s.expireLocked(ctx, now)
@@ -314,6 +378,18 @@ func (s *Station) Tick(ctx context.Context) time.Time {
 		s.checkpointLocked(ctx, now)
 	}
 	next := now.Add(time.Second)
+	for _, id := range s.order {
+		rec := s.devices[id]
+		if rec.stop == nil || !rec.state.Online {
+			continue
+		}
+		if !now.Before(rec.stop.due) {
+			s.sendStopLocked(ctx, now, rec)
+		}
+		if rec.stop.due.Before(next) {
+			next = rec.stop.due
+		}
+	}
 	for _, l := range s.live {
 		var at time.Time
 		if l.r.State == RentalStarting {
@@ -388,9 +464,13 @@ func (s *Station) checkpointLocked(ctx context.Context, now time.Time) {
 		s.lastCheckpoint = now
 		return
 	}
-	s.lastCheckpoint = now // a refused checkpoint is retried at the next interval, not at once
-	if _, err := s.store.Commit(ctx, ch); err != nil {
-		s.log.Error("checkpoint rentals", "err", err)
+	s.lastCheckpoint = now
+	if n := len(s.unrecorded); n > 0 && s.unrecorded[n-1].checkpoint {
+		s.unrecorded[n-1].ch = ch // nothing queued since: the newer one supersedes it
+		return
+	}
+	if err := s.tryCommitLocked(ctx, now, ch); err != nil {
+		s.deferLocked(now, deferredChange{ch: ch, checkpoint: true}, err)
 	}
 }
 
@@ -404,7 +484,37 @@ func (s *Station) event(now time.Time, t EventType, data any) Event {
 	return Event{Station: s.id, Type: t, TS: now.UTC().Round(time.Millisecond), ClockSynced: s.clock.Synced(), Data: b}
 }
 
-func (s *Station) commitLocked(ctx context.Context, ch Change) error {
+// commitLocked records a decision: durably now, or, when the store cannot
+// write (or earlier decisions still wait for it), queued behind them in
+// memory and written by Tick once it can. It returns nil only when ch is
+// durable; the decision stands either way, so callers carry it out and
+// pass the error on to whoever must not be acknowledged.
+func (s *Station) commitLocked(ctx context.Context, now time.Time, ch Change) error {
+	err := s.tryCommitLocked(ctx, now, ch)
+	if err == nil {
+		return nil
+	}
+	if ErrorCode(err) == EINVALID {
+		// Never expected (ids are checked before): a change the store
+		// refuses as invalid would block the queue for ever.
+		s.log.Error("change refused by the store", "err", err)
+		return err
+	}
+	s.deferLocked(now, deferredChange{ch: ch}, err)
+	for _, e := range ch.Events {
+		s.countLocked(e)
+	}
+	s.answerRelayedLocked(ctx, ch.Events)
+	return err
+}
+
+// tryCommitLocked commits ch durably, or fails and changes nothing. While
+// changes wait for the store, it first tries to write them (when their
+// retry is due) and fails if they still wait, so ch never overtakes them.
+func (s *Station) tryCommitLocked(ctx context.Context, now time.Time, ch Change) error {
+	if !s.writableLocked(ctx, now, false) {
+		return errUnrecorded(len(s.unrecorded))
+	}
 	if _, err := s.store.Commit(ctx, ch); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
@@ -414,6 +524,30 @@ func (s *Station) commitLocked(ctx context.Context, ch Change) error {
 	s.answerRelayedLocked(ctx, ch.Events)
 	return nil
 }
+
+// writableLocked reports whether no change waits for the store, trying to
+// write the waiting ones first when their retry is due or now is set.
+func (s *Station) writableLocked(ctx context.Context, now time.Time, force bool) bool {
+	if len(s.unrecorded) == 0 {
+		return true
+	}
+	if force {
+		s.retryAt = now
+	}
+	s.retryLocked(ctx, now)
+	return len(s.unrecorded) == 0
+}
+
+func errUnrecorded(n int) error {
+	return &Error{Code: EUNAVAILABLE, Reason: ReasonUnavailable,
+		Message: fmt.Sprintf("store cannot write: %d records wait to be written", n)}
+}
+
+// Unrecorded returns how many decisions are enforced but not yet durable,
+// waiting for the store to accept writes again (§4): nonzero means the
+// station cannot record, for /healthz and the status page. It does not
+// take the station's lock.
+func (s *Station) Unrecorded() int { return int(s.unrecordedN.Load()) }
 
 // StationStats counts what the station decided since it started, for
 // metrics.
@@ -426,6 +560,9 @@ type StationStats struct {
 	// Commands counts command.result events by reason, "ok" for successes.
 	Commands    map[string]uint64
 	UnrentedUse uint64
+	// UnrecordedDropped counts presence events dropped because too many
+	// records already waited for a store that could not write.
+	UnrecordedDropped uint64
 }
 
 func (s *Station) countLocked(e Event) {
@@ -462,7 +599,7 @@ func (s *Station) countLocked(e Event) {
 func (s *Station) Stats() StationStats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	c := StationStats{Started: s.stats.Started, UnrentedUse: s.stats.UnrentedUse,
+	c := StationStats{Started: s.stats.Started, UnrentedUse: s.stats.UnrentedUse, UnrecordedDropped: s.stats.UnrecordedDropped,
 		Results: map[string]uint64{}, Ended: map[Reason]uint64{}, Commands: map[string]uint64{}}
 	for k, v := range s.stats.Results {
 		c.Results[k] = v
@@ -497,21 +634,50 @@ func newCmdID() string {
 
 func seconds(d time.Duration) int64 { return int64((d + time.Second/2) / time.Second) }
 
-// stopLocked sends stop to a device now if it is online, else when it
-// returns.
-func (s *Station) stopLocked(ctx context.Context, now time.Time, rec *deviceRecord, rentalID string) {
+// beginStopLocked makes a stop outstanding for the device and returns its
+// record, to be committed with the decision that stops the device. The
+// caller sends it with sendStopLocked once the decision is made.
+func (s *Station) beginStopLocked(now time.Time, rec *deviceRecord, rentalID string) StopRecord {
 	rec.graceUntil = now.Add(2 * s.startTimeout)
-	if !rec.state.Online {
-		rec.stopOnReturn = true
+	sr := StopRecord{DeviceID: rec.dev.ID, RentalID: rentalID, Since: now.UTC().Round(time.Millisecond)}
+	rec.stop = &outstandingStop{rec: sr, wait: s.startTimeout}
+	return sr
+}
+
+// sendStopLocked sends the device's outstanding stop if it is online, and
+// schedules the next resend. A failed send is retried at that resend, like
+// a lost one.
+func (s *Station) sendStopLocked(ctx context.Context, now time.Time, rec *deviceRecord) {
+	st := rec.stop
+	if st == nil || !rec.state.Online {
 		return
 	}
 	id := newCmdID()
-	if err := s.sendLocked(ctx, rec.dev.ID, DeviceCommand{CmdID: id, Action: ActionStop, RentalID: rentalID}); err != nil {
-		rec.stopOnReturn = true
-		return
+	st.ids = append(st.ids, id)
+	if len(st.ids) > stopIDs {
+		st.ids = st.ids[len(st.ids)-stopIDs:]
 	}
-	rec.stopOnReturn = false
-	s.pending[id] = &pendingCommand{kind: kindStop, cmdID: id, deviceID: rec.dev.ID, rentalID: rentalID, deadline: now.Add(s.startTimeout)}
+	st.due = now.Add(st.wait)
+	st.wait = min(2*st.wait, max(maxStopWait, s.startTimeout))
+	_ = s.sendLocked(ctx, rec.dev.ID, DeviceCommand{CmdID: id, Action: ActionStop, RentalID: st.rec.RentalID})
+}
+
+// stopDoneLocked forgets the device's outstanding stop: the device acked
+// it or reported idle.
+func (s *Station) stopDoneLocked(ctx context.Context, now time.Time, rec *deviceRecord, why string) {
+	st := rec.stop
+	rec.stop = nil
+	// A report sent before the stop landed may still say in_use.
+	rec.graceUntil = later(rec.graceUntil, now.Add(s.startTimeout))
+	s.log.Info("stop delivered", "device", rec.dev.ID, "rental", st.rec.RentalID, "by", why)
+	_ = s.commitLocked(ctx, now, Change{Stops: []StopRecord{{DeviceID: rec.dev.ID, Done: true}}})
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // resyncLocked sends start again to a running rental's device with the
@@ -543,33 +709,60 @@ func (s *Station) endLocked(ctx context.Context, now time.Time, l *liveRental, r
 	}
 	r.State, r.Reason, r.EndedAt, r.Used, r.CheckpointAt = RentalEnded, reason, now, used, now
 	r.StartCmdID = ""
+	rec := s.devices[r.DeviceID]
 	ch := Change{Rentals: []Rental{r}, Events: []Event{s.event(now, EventRentalEnded, RentalEndedData{
 		RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
 		EndedAt: now.UTC().Round(time.Millisecond), UsedS: seconds(used), Reason: reason,
-	})}}
+	})}, Stops: []StopRecord{s.beginStopLocked(now, rec, r.ID)}}
 	// The device is stopped even when the store refuses the record: the
 	// end is enforced now and recorded as soon as the store takes it.
-	err := s.commitLocked(ctx, ch)
-	if err != nil {
-		s.log.Error("end rental: stopping the device, the record will be retried", "rental", r.ID, "err", err)
-		s.deferLocked(ch, now)
-	}
+	err := s.commitLocked(ctx, now, ch)
 	s.dropLiveLocked(l)
-	rec := s.devices[r.DeviceID]
-	s.stopLocked(ctx, now, rec, r.ID)
+	s.sendStopLocked(ctx, now, rec)
 	s.touchLocked(rec, now)
 	s.log.Info("rental ended", "rental", r.ID, "device", r.DeviceID, "reason", reason, "used_s", seconds(used))
 	return err
 }
 
-// deferLocked keeps a change the store refused, for Tick to retry with
-// backoff, so an enforced decision is recorded once the disk recovers.
-func (s *Station) deferLocked(ch Change, now time.Time) {
-	s.unrecorded = append(s.unrecorded, ch)
+// deferLocked keeps a change the store refused, in order, for Tick to
+// retry with backoff, so an enforced decision is recorded once the disk
+// recovers.
+func (s *Station) deferLocked(now time.Time, d deferredChange, cause error) {
+	if len(s.unrecorded) >= maxUnrecorded && droppableOnly(d.ch) {
+		s.stats.UnrecordedDropped += uint64(len(d.ch.Events))
+		return
+	}
+	if len(s.unrecorded) == 0 {
+		s.log.Error("store cannot write: decisions are enforced and kept in memory until it can", "err", cause)
+		s.queued = queuedRecords{rentals: map[string]Rental{}, commands: map[string]CommandRecord{}, results: map[string]ResultRecord{}}
+	}
+	s.unrecorded = append(s.unrecorded, d)
+	s.unrecordedN.Store(int64(len(s.unrecorded)))
+	for _, r := range d.ch.Rentals {
+		s.queued.rentals[r.ID] = r
+	}
+	for _, r := range d.ch.Commands {
+		s.queued.commands[r.CmdID] = r
+	}
+	for _, r := range d.ch.Results {
+		s.queued.results[r.Key()] = r
+	}
 	if s.retryWait == 0 {
 		s.retryWait = time.Second
 		s.retryAt = now.Add(s.retryWait)
 	}
+}
+
+func droppableOnly(ch Change) bool {
+	if len(ch.Rentals)+len(ch.Commands)+len(ch.Results)+len(ch.Stops) > 0 {
+		return false
+	}
+	for _, e := range ch.Events {
+		if !e.Type.Droppable() {
+			return false
+		}
+	}
+	return true
 }
 
 // retryLocked commits the deferred changes, in order, once due.
@@ -578,16 +771,24 @@ func (s *Station) retryLocked(ctx context.Context, now time.Time) {
 		return
 	}
 	for len(s.unrecorded) > 0 {
-		if err := s.commitLocked(ctx, s.unrecorded[0]); err != nil {
-			s.retryWait = min(2*s.retryWait, 30*time.Second)
+		_, err := s.store.Commit(ctx, s.unrecorded[0].ch)
+		if err != nil && ErrorCode(err) != EINVALID {
+			s.retryWait = min(2*s.retryWait, maxRetryWait)
 			s.retryAt = now.Add(s.retryWait)
-			s.log.Warn("record deferred rental changes", "pending", len(s.unrecorded), "retry_in", s.retryWait, "err", err)
+			s.log.Warn("store still cannot write", "waiting", len(s.unrecorded), "retry_in", s.retryWait, "err", err)
 			return
 		}
+		if err != nil {
+			s.log.Error("waiting change refused by the store: dropped", "err", err)
+		}
+		s.unrecorded[0] = deferredChange{}
 		s.unrecorded = s.unrecorded[1:]
+		s.unrecordedN.Store(int64(len(s.unrecorded)))
 	}
+	s.unrecorded = nil
+	s.queued = queuedRecords{}
 	s.retryWait = 0
-	s.log.Info("deferred rental changes recorded")
+	s.log.Info("store writes again: every waiting record written")
 }
 
 func (s *Station) dropLiveLocked(l *liveRental) {
@@ -606,16 +807,13 @@ func (s *Station) dropLiveLocked(l *liveRental) {
 func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRental, reason Reason, detail string) {
 	r := l.r
 	r.State, r.Reason, r.StartCmdID = RentalRejected, reason, ""
-	ch := Change{Rentals: []Rental{r}, Events: []Event{s.event(now, EventRentalResult, RentalResultData{
-		RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: false, Reason: reason,
-	})}}
-	if err := s.commitLocked(ctx, ch); err != nil {
-		s.log.Error("fail rental start: stopping the device, the record will be retried", "rental", r.ID, "err", err)
-		s.deferLocked(ch, now)
-	}
-	s.dropLiveLocked(l)
 	rec := s.devices[r.DeviceID]
-	s.stopLocked(ctx, now, rec, r.ID)
+	ch := s.grantAnswer(now, r, false, reason)
+	ch.Rentals = []Rental{r}
+	ch.Stops = []StopRecord{s.beginStopLocked(now, rec, r.ID)}
+	_ = s.commitLocked(ctx, now, ch) // enforced either way; recorded once the store can
+	s.dropLiveLocked(l)
+	s.sendStopLocked(ctx, now, rec)
 	s.touchLocked(rec, now)
 	s.log.Info("rental refused", "rental", r.ID, "device", r.DeviceID, "reason", reason, "detail", detail)
 }
@@ -648,49 +846,64 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 // applyRental decides a rental message from the cloud (relayedBy empty) or
 // relayed by device relayedBy (§2): one decision for both, the relay adding
 // only its two rules.
-func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy string) error {
+func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy string) (err error) {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	m, perr := ParseRentalMessage(payload)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.deciding = decision{rentalID: truncate(m.RentalID), op: truncate(m.Op), relayedBy: relayedBy}
-	defer func() { s.deciding = decision{} }()
+	defer func() { err = s.decidedLocked(err) }()
 	now := s.clock.Now()
-	refuse := func(reason Reason, record bool) error {
-		ch := Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
-			RentalID: truncate(m.RentalID), DeviceID: truncate(m.DeviceID), Op: truncate(m.Op), OK: false, Reason: reason,
-		})}}
-		if record {
-			ch.Rentals = []Rental{{ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalRejected,
-				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, Via: s.deciding.via()}}
-		}
+	// Records waiting for the store go first, if it takes them now.
+	s.writableLocked(ctx, now, true)
+	unrecorded := func(reason Reason) error {
+		// Neither the message nor its refusal is recorded: a forged or
+		// garbled message cannot occupy a rental id.
 		s.log.Info("rental message refused", "op", truncate(m.Op), "rental", truncate(m.RentalID), "device", truncate(m.DeviceID), "reason", reason)
-		return s.commitLocked(ctx, ch)
+		return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+			RentalID: truncate(m.RentalID), DeviceID: truncate(m.DeviceID), Op: truncate(m.Op), OK: false, Reason: reason,
+		})}})
 	}
 	if perr != nil {
-		return refuse(ReasonInvalid, false)
+		return unrecorded(ReasonInvalid)
 	}
 	if relayedBy != "" {
 		if reason := s.relayRuleLocked(m, relayedBy); reason != "" {
-			return refuse(reason, false)
+			return unrecorded(reason)
 		}
 	}
 	if s.verifyKey != nil {
-		// A message that fails verification is never recorded, so a forged
-		// message cannot poison a rental id before the real one arrives.
 		if err := VerifyRental(s.verifyKey, s.id, m); err != nil {
-			return refuse(ReasonBadSignature, false)
+			return unrecorded(ReasonBadSignature)
 		}
+	}
+	// A message answered before is answered the same, whatever happened
+	// since: the rental ended, its not_after passed, edged restarted.
+	prev, err := s.resultLocked(ctx, ResultKey(m.RentalID, m.Op, m.DurationS))
+	switch {
+	case err == nil:
+		return s.commitLocked(ctx, now, Change{Events: []Event{s.resultEvent(now, prev)}})
+	case ErrorCode(err) != ENOTFOUND:
+		return fmt.Errorf("%s: %w", m.Op, err)
+	}
+	refuse := func(reason Reason, rejectRental bool) error {
+		ch := s.answer(now, m, false, reason)
+		if rejectRental {
+			ch.Rentals = []Rental{{ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalRejected,
+				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, Via: s.deciding.via()}}
+		}
+		s.log.Info("rental message refused", "op", m.Op, "rental", m.RentalID, "device", m.DeviceID, "reason", reason)
+		return s.commitLocked(ctx, now, ch)
 	}
 	if m.NotAfter != "" && s.clock.Synced() {
 		na, _ := time.Parse(time.RFC3339Nano, m.NotAfter)
 		if now.After(na) {
-			if m.Op == OpGrant {
-				if _, err := s.store.Rental(ctx, m.RentalID); ErrorCode(err) == ENOTFOUND {
-					return refuse(ReasonExpired, true)
-				}
-			} else {
+			if m.Op != OpGrant {
 				return refuse(ReasonExpired, false)
+			}
+			// A grant still starting has no result yet: it comes with the ack.
+			if _, err := s.rentalLocked(ctx, m.RentalID); ErrorCode(err) == ENOTFOUND {
+				return refuse(ReasonExpired, true)
 			}
 		}
 	}
@@ -711,12 +924,60 @@ func truncate(s string) string {
 	return s
 }
 
-func (s *Station) result(now time.Time, m RentalMessage, ok bool, reason Reason) Event {
-	return s.event(now, EventRentalResult, RentalResultData{RentalID: m.RentalID, DeviceID: m.DeviceID, Op: m.Op, OK: ok, Reason: reason})
+// answer is the result of a rental message: its rental.result event and
+// the record that answers its redeliveries.
+func (s *Station) answer(now time.Time, m RentalMessage, ok bool, reason Reason) Change {
+	return s.answerRecord(now, ResultRecord{RentalID: m.RentalID, Op: m.Op, DurationS: m.DurationS, DeviceID: m.DeviceID, OK: ok, Reason: reason})
+}
+
+// grantAnswer is the result of a rental's grant, known once its start is
+// acknowledged, refused, timed out or cancelled.
+func (s *Station) grantAnswer(now time.Time, r Rental, ok bool, reason Reason) Change {
+	return s.answerRecord(now, ResultRecord{RentalID: r.ID, Op: OpGrant, DeviceID: r.DeviceID, OK: ok, Reason: reason})
+}
+
+func (s *Station) answerRecord(now time.Time, rr ResultRecord) Change {
+	if rr.Op != OpExtend {
+		rr.DurationS = 0
+	}
+	rr.At = now.UTC().Round(time.Millisecond)
+	return Change{Results: []ResultRecord{rr}, Events: []Event{s.resultEvent(now, rr)}}
+}
+
+func (s *Station) resultEvent(now time.Time, rr ResultRecord) Event {
+	return s.event(now, EventRentalResult, RentalResultData{RentalID: rr.RentalID, DeviceID: rr.DeviceID, Op: rr.Op, OK: rr.OK, Reason: rr.Reason})
+}
+
+// resultLocked finds the result a rental message got. Errors: ENOTFOUND.
+// Errors: ENOTFOUND.
+func (s *Station) resultLocked(ctx context.Context, key string) (ResultRecord, error) {
+	if r, ok := s.queued.results[key]; ok {
+		return r, nil
+	}
+	return s.store.Result(ctx, key)
+}
+
+// rentalLocked finds a rental's latest record, one waiting for the store
+// included. Errors: ENOTFOUND.
+func (s *Station) rentalLocked(ctx context.Context, id string) (Rental, error) {
+	if r, ok := s.queued.rentals[id]; ok {
+		return r, nil
+	}
+	return s.store.Rental(ctx, id)
+}
+
+// merge appends b's records and events to a's, in order.
+func merge(a, b Change) Change {
+	a.Rentals = append(a.Rentals, b.Rentals...)
+	a.Commands = append(a.Commands, b.Commands...)
+	a.Results = append(a.Results, b.Results...)
+	a.Stops = append(a.Stops, b.Stops...)
+	a.Events = append(a.Events, b.Events...)
+	return a
 }
 
 func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessage, refuse func(Reason, bool) error) error {
-	prev, err := s.store.Rental(ctx, m.RentalID)
+	prev, err := s.rentalLocked(ctx, m.RentalID)
 	switch {
 	case err == nil:
 		// A redelivery: report the same result again, change nothing.
@@ -724,10 +985,10 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 		case RentalStarting:
 			return nil // its result comes with the device's ack
 		case RentalRejected:
-			return s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+			return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 				RentalID: prev.ID, DeviceID: prev.DeviceID, Op: OpGrant, OK: false, Reason: prev.Reason})}})
 		default:
-			return s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+			return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 				RentalID: prev.ID, DeviceID: prev.DeviceID, Op: OpGrant, OK: true})}})
 		}
 	case ErrorCode(err) != ENOTFOUND:
@@ -735,6 +996,10 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 	}
 	rec, ok := s.devices[m.DeviceID]
 	switch {
+	case !s.writableLocked(ctx, now, false):
+		// The grant and its refusal wait in memory; the message is not
+		// acknowledged until they are durable.
+		return refuse(ReasonUnavailable, true)
 	case !ok:
 		return refuse(ReasonUnknownDevice, true)
 	case rec.state.Maintenance:
@@ -743,7 +1008,8 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 		return refuse(ReasonDeviceFault, true)
 	case !rec.state.Online:
 		return refuse(ReasonDeviceOffline, true)
-	case rec.rental != nil || rec.state.Status == StatusInUse:
+	case rec.rental != nil || rec.stop != nil || rec.state.Status == StatusInUse:
+		// An outstanding stop is busy too: the device may still be running.
 		return refuse(ReasonDeviceBusy, true)
 	}
 	cmdID := newCmdID()
@@ -751,8 +1017,8 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 		ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalStarting,
 		Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, StartCmdID: cmdID, Via: s.deciding.via(),
 	}, deadline: now.Add(s.startTimeout)}
-	if err := s.commitLocked(ctx, Change{Rentals: []Rental{l.r}}); err != nil {
-		return err
+	if err := s.tryCommitLocked(ctx, now, Change{Rentals: []Rental{l.r}}); err != nil {
+		return refuse(ReasonUnavailable, true)
 	}
 	s.live[l.r.ID] = l
 	rec.rental = l
@@ -772,7 +1038,7 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 // ownedLocked finds the rental an extend or cancel names and checks that
 // the message matches it.
 func (s *Station) ownedLocked(ctx context.Context, m RentalMessage) (Rental, *liveRental, Reason, error) {
-	r, err := s.store.Rental(ctx, m.RentalID)
+	r, err := s.rentalLocked(ctx, m.RentalID)
 	if ErrorCode(err) == ENOTFOUND {
 		return r, nil, ReasonNoRental, nil
 	}
@@ -803,38 +1069,40 @@ func (s *Station) extendLocked(ctx context.Context, now time.Time, m RentalMessa
 	}
 	dur := time.Duration(m.DurationS) * time.Second
 	if l.r.Duration == dur {
-		return s.commitLocked(ctx, Change{Events: []Event{s.result(now, m, true, "")}})
+		return s.commitLocked(ctx, now, s.answer(now, m, true, ""))
+	}
+	if l.r.State == RentalStarting {
+		l.r.Duration = dur
+		ch := s.answer(now, m, true, "")
+		ch.Rentals = []Rental{l.r}
+		return s.commitLocked(ctx, now, ch)
 	}
 	l.r.Duration = dur
-	if l.r.State == RentalStarting {
-		return s.commitLocked(ctx, Change{Rentals: []Rental{l.r}, Events: []Event{s.result(now, m, true, "")}})
-	}
 	used := l.used(now)
 	remaining := l.r.Remaining(used)
 	l.r.EndsAt = now.Add(remaining)
 	l.r.Used, l.r.CheckpointAt, l.r.CheckpointSynced = used, now, s.clock.Synced()
-	ch := Change{Rentals: []Rental{l.r}, Events: []Event{
-		s.result(now, m, true, ""),
-		s.event(now, EventRentalExtended, RentalExtendedData{
-			RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
-			EndsAt: l.r.EndsAt.UTC().Round(time.Millisecond), DurationS: m.DurationS,
-		}),
-	}}
-	if err := s.commitLocked(ctx, ch); err != nil {
-		return err
-	}
+	ch := s.answer(now, m, true, "")
+	ch.Rentals = []Rental{l.r}
+	ch.Events = append(ch.Events, s.event(now, EventRentalExtended, RentalExtendedData{
+		RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
+		EndsAt: l.r.EndsAt.UTC().Round(time.Millisecond), DurationS: m.DurationS,
+	}))
+	// Carried out even when the store cannot write: the message is then
+	// not acknowledged, and its redelivery is answered the same.
+	err = s.commitLocked(ctx, now, ch)
 	rec := s.devices[r.DeviceID]
 	rec.state.Rental.EndsAt = l.r.EndsAt.UTC().Round(time.Millisecond)
 	s.touchLocked(rec, now)
 	if remaining == 0 {
-		return s.endLocked(ctx, now, l, ReasonExpired)
+		return cmp.Or(err, s.endLocked(ctx, now, l, ReasonExpired))
 	}
 	// The device runs its own timer from start's duration_s: tell it.
 	if rec.state.Online {
 		s.resyncLocked(ctx, now, l)
 	}
 	s.poke()
-	return nil
+	return err
 }
 
 func (s *Station) cancelLocked(ctx context.Context, now time.Time, m RentalMessage, refuse func(Reason, bool) error) error {
@@ -845,13 +1113,33 @@ func (s *Station) cancelLocked(ctx context.Context, now time.Time, m RentalMessa
 	if reason != "" {
 		return refuse(reason, false)
 	}
-	if err := s.commitLocked(ctx, Change{Events: []Event{s.result(now, m, true, "")}}); err != nil {
-		return err
+	if l != nil && l.r.State == RentalStarting {
+		return s.cancelStartLocked(ctx, now, l, m)
 	}
+	err = s.commitLocked(ctx, now, s.answer(now, m, true, ""))
 	if l == nil {
-		return nil // already ended: nothing changes
+		return err // already ended: nothing changes
 	}
-	return s.endLocked(ctx, now, l, ReasonCancelled)
+	return cmp.Or(err, s.endLocked(ctx, now, l, ReasonCancelled))
+}
+
+// cancelStartLocked cancels a grant whose start the device has not
+// acknowledged (§3.1): the grant's result is cancelled, the cancel's ok,
+// and the device is stopped; the rental never started, so it has no
+// rental.started or rental.ended.
+func (s *Station) cancelStartLocked(ctx context.Context, now time.Time, l *liveRental, m RentalMessage) error {
+	r := l.r
+	r.State, r.Reason, r.StartCmdID = RentalRejected, ReasonCancelled, ""
+	rec := s.devices[r.DeviceID]
+	ch := merge(s.grantAnswer(now, r, false, ReasonCancelled), s.answer(now, m, true, ""))
+	ch.Rentals = []Rental{r}
+	ch.Stops = []StopRecord{s.beginStopLocked(now, rec, r.ID)}
+	err := s.commitLocked(ctx, now, ch)
+	s.dropLiveLocked(l)
+	s.sendStopLocked(ctx, now, rec)
+	s.touchLocked(rec, now)
+	s.log.Info("rental cancelled before its start", "rental", r.ID, "device", r.DeviceID)
+	return err
 }
 
 // RenterCommand applies a message of R/S/down/commands (§3.1): it is
@@ -864,6 +1152,7 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.clock.Now()
+	s.writableLocked(ctx, now, true) // records waiting for the store go first
 	p := &pendingCommand{kind: kindRenter, cmdID: c.CmdID, deviceID: c.DeviceID, record: CommandRecord{
 		CmdID: c.CmdID, DeviceID: c.DeviceID, RenterID: c.RenterID, Action: c.Action, At: now,
 	}}
@@ -871,10 +1160,10 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 		p.cmdID, p.deviceID = truncate(c.CmdID), truncate(c.DeviceID)
 		return s.finishRenterLocked(ctx, now, p, false, ReasonInvalid, "")
 	}
-	prev, err := s.store.Command(ctx, c.CmdID)
+	prev, err := s.commandLocked(ctx, c.CmdID)
 	switch {
 	case err == nil && prev.Done:
-		return s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventCommandResult, CommandResultData{
+		return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventCommandResult, CommandResultData{
 			CmdID: prev.CmdID, DeviceID: prev.DeviceID, OK: prev.OK, Reason: prev.Reason, Error: prev.Error})}})
 	case err == nil:
 		if _, inFlight := s.pending[c.CmdID]; inFlight {
@@ -884,6 +1173,11 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 		return s.finishRenterLocked(ctx, now, p, false, ReasonTimeout, "")
 	case ErrorCode(err) != ENOTFOUND:
 		return fmt.Errorf("renter command: %w", err)
+	}
+	if !s.writableLocked(ctx, now, false) {
+		// Its refusal waits in memory too; the message is not
+		// acknowledged until that is durable.
+		return s.finishRenterLocked(ctx, now, p, false, ReasonUnavailable, "")
 	}
 	rec, ok := s.devices[c.DeviceID]
 	if !ok {
@@ -899,18 +1193,16 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 	p.rentalID = l.r.ID
 	switch c.Action {
 	case ActionEnd:
-		if err := s.finishRenterLocked(ctx, now, p, true, "", ""); err != nil {
-			return err
-		}
-		return s.endLocked(ctx, now, l, ReasonRenterEnded)
+		err := s.finishRenterLocked(ctx, now, p, true, "", "")
+		return cmp.Or(err, s.endLocked(ctx, now, l, ReasonRenterEnded))
 	case ActionStart, ActionStop:
 		return s.finishRenterLocked(ctx, now, p, false, ReasonUnsupported, "start and stop are the gateway's own")
 	}
 	if !rec.state.Online {
 		return s.finishRenterLocked(ctx, now, p, false, ReasonDeviceOffline, "")
 	}
-	if err := s.commitLocked(ctx, Change{Commands: []CommandRecord{p.record}}); err != nil {
-		return err
+	if err := s.tryCommitLocked(ctx, now, Change{Commands: []CommandRecord{p.record}}); err != nil {
+		return s.finishRenterLocked(ctx, now, p, false, ReasonUnavailable, "")
 	}
 	p.deadline = now.Add(s.startTimeout)
 	s.pending[c.CmdID] = p
@@ -936,11 +1228,16 @@ func (s *Station) finishRenterLocked(ctx context.Context, now time.Time, p *pend
 	if ValidToken(rec.CmdID) && reason != ReasonInvalid {
 		ch.Commands = []CommandRecord{rec}
 	}
-	if err := s.commitLocked(ctx, ch); err != nil {
-		s.log.Error("renter command result", "cmd", p.cmdID, "err", err)
-		return err
+	return s.commitLocked(ctx, now, ch)
+}
+
+// commandLocked finds a renter command's latest record, one waiting for
+// the store included. Errors: ENOTFOUND.
+func (s *Station) commandLocked(ctx context.Context, cmdID string) (CommandRecord, error) {
+	if r, ok := s.queued.commands[cmdID]; ok {
+		return r, nil
 	}
-	return nil
+	return s.store.Command(ctx, cmdID)
 }
 
 // DeviceOnline records a device connecting or going away. A device that
@@ -962,16 +1259,18 @@ func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool
 	if online {
 		t = EventDeviceOnline
 	}
-	if err := s.commitLocked(ctx, Change{Events: []Event{s.event(now, t, DeviceData{DeviceID: deviceID})}}); err != nil {
-		return err
-	}
+	// Presence is applied even when the store cannot write: the stops and
+	// starts that depend on it must not wait for the disk.
+	_ = s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, t, DeviceData{DeviceID: deviceID})}})
 	rec.state.Online = online
 	seenLocked(rec, now)
 	if online {
 		if l := rec.rental; l != nil && l.r.State == RentalActive {
 			s.resyncLocked(ctx, now, l)
-		} else if rec.stopOnReturn {
-			s.stopLocked(ctx, now, rec, "")
+		} else if rec.stop != nil {
+			// Back online: the stop goes at once, with a fresh backoff.
+			rec.stop.wait = s.startTimeout
+			s.sendStopLocked(ctx, now, rec)
 		}
 	}
 	s.touchLocked(rec, now)
@@ -1002,20 +1301,27 @@ func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateRepor
 		if l := rec.rental; l.r.State == RentalStarting {
 			s.failStartLocked(ctx, now, l, ReasonDeviceFault, rec.state.Fault)
 		} else {
-			err = s.endLocked(ctx, now, l, ReasonDeviceFault)
+			_ = s.endLocked(ctx, now, l, ReasonDeviceFault) // enforced; recorded once the store can
 		}
-	case r.Status == StatusInUse && rec.rental == nil && now.After(rec.graceUntil):
+	case r.Status == StatusInUse && rec.rental == nil && rec.stop == nil && now.After(rec.graceUntil):
+		// With a stop outstanding, in_use is expected until it lands.
 		if prev != StatusInUse || now.Sub(rec.lastUnrented) >= unrentedRepeat || rec.lastUnrented.IsZero() {
 			rec.lastUnrented = now
-			err = s.commitLocked(ctx, Change{Events: []Event{s.event(now, EventUnrentedUse, DeviceData{DeviceID: deviceID})}})
-			if err == nil {
-				s.log.Warn("unrented use stopped", "device", deviceID)
-				s.stopLocked(ctx, now, rec, "")
-			}
+			ch := Change{Events: []Event{s.event(now, EventUnrentedUse, DeviceData{DeviceID: deviceID})},
+				Stops: []StopRecord{s.beginStopLocked(now, rec, "")}}
+			_ = s.commitLocked(ctx, now, ch) // enforced; recorded once the store can
+			s.log.Warn("unrented use stopped", "device", deviceID)
+			s.sendStopLocked(ctx, now, rec)
 		}
 	}
+	if r.Status == StatusIdle && rec.stop != nil {
+		s.stopDoneLocked(ctx, now, rec, "idle")
+	}
 	s.touchLocked(rec, now)
-	return err
+	// Nil even when a record waits for the store: what the report decided
+	// is carried out, and an error would make the broker refuse the report
+	// (and drop an MQTT 3.1.1 device), so a stop could not reach it.
+	return nil
 }
 
 // deviceLocked finds a configured device. Errors: ENOTFOUND.
@@ -1079,6 +1385,11 @@ func (s *Station) DeviceEvent(ctx context.Context, deviceID string, event []byte
 	if _, ok := s.devices[deviceID]; !ok { // devices is not modified after NewStation
 		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
 	}
+	if n := s.unrecordedN.Load(); n > 0 {
+		// Records wait for the store: this one must not overtake them,
+		// and the device must not be acknowledged before it is stored.
+		return errUnrecorded(int(n))
+	}
 	now := s.clock.Now()
 	_, err := s.store.Commit(ctx, Change{Events: []Event{s.event(now, EventDeviceEvent, DeviceEventData{DeviceID: deviceID, Event: event})}})
 	if err != nil {
@@ -1092,12 +1403,20 @@ func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) 
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	now := s.clock.Now()
 	p, ok := s.pending[a.CmdID]
 	if !ok || p.deviceID != deviceID {
+		if rec := s.devices[deviceID]; rec != nil && rec.stop != nil && slices.Contains(rec.stop.ids, a.CmdID) {
+			if a.OK {
+				s.stopDoneLocked(ctx, now, rec, "ack")
+			} else {
+				s.log.Warn("device refused stop: it will be sent again", "device", deviceID, "cmd", a.CmdID, "error", a.Error)
+			}
+			return nil
+		}
 		s.log.Debug("ack for no pending command", "device", deviceID, "cmd", a.CmdID)
 		return nil
 	}
-	now := s.clock.Now()
 	rec := s.devices[deviceID]
 	switch p.kind {
 	case kindStart:
@@ -1114,17 +1433,16 @@ func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) 
 		r := l.r
 		r.State, r.StartedAt, r.EndsAt = RentalActive, now, now.Add(r.Duration)
 		r.StartCmdID, r.Used, r.CheckpointAt, r.CheckpointSynced = "", 0, now, s.clock.Synced()
-		ch := Change{Rentals: []Rental{r}, Events: []Event{
-			s.event(now, EventRentalResult, RentalResultData{RentalID: r.ID, DeviceID: r.DeviceID, Op: OpGrant, OK: true}),
-			s.event(now, EventRentalStarted, RentalStartedData{
-				RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
-				StartedAt: now.UTC().Round(time.Millisecond), EndsAt: r.EndsAt.UTC().Round(time.Millisecond),
-				DurationS: seconds(r.Duration),
-			}),
-		}}
-		if err := s.commitLocked(ctx, ch); err != nil {
-			return err // the start stays pending; a timeout resolves it
-		}
+		ch := s.grantAnswer(now, r, true, "")
+		ch.Rentals = []Rental{r}
+		ch.Events = append(ch.Events, s.event(now, EventRentalStarted, RentalStartedData{
+			RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID,
+			StartedAt: now.UTC().Round(time.Millisecond), EndsAt: r.EndsAt.UTC().Round(time.Millisecond),
+			DurationS: seconds(r.Duration),
+		}))
+		// The rental starts even when the store cannot write: the device
+		// runs, and the record waits for the store.
+		_ = s.commitLocked(ctx, now, ch)
 		delete(s.pending, a.CmdID)
 		l.r, l.base, l.baseUsed = r, now, 0
 		rec.state.Rental = &DeviceRental{RentalID: r.ID, RenterID: r.RenterID,
@@ -1142,7 +1460,9 @@ func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) 
 		if a.Code != 0 && detail == "" {
 			detail = fmt.Sprintf("code %d", a.Code)
 		}
-		return s.finishRenterLocked(ctx, now, p, a.OK, reason, detail)
+		// Nil even when the result waits for the store: an error would
+		// make the broker refuse the ack.
+		_ = s.finishRenterLocked(ctx, now, p, a.OK, reason, detail)
 	default:
 		delete(s.pending, a.CmdID)
 		if !a.OK {
@@ -1180,21 +1500,39 @@ func (s *Station) Device(id string) (DeviceState, error) {
 func (s *Station) StatesChanged() <-chan struct{} { return s.changed }
 
 // SetMaintenance puts a device in or out of maintenance: in maintenance it
-// takes no new rental; a running one continues. Errors: ENOTFOUND.
+// takes no new rental; a running one continues. It returns once the change
+// is durable, so a technician told it is saved can rely on it across a
+// restart; when the store cannot write it, the change is undone and the
+// error returned. Errors: ENOTFOUND, EUNAVAILABLE.
 func (s *Station) SetMaintenance(ctx context.Context, id string, on bool) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	rec, ok := s.devices[id]
 	if !ok {
+		s.mu.Unlock()
 		return Errorf(ENOTFOUND, "no device %q", id)
 	}
-	if rec.state.Maintenance != on {
+	changed := rec.state.Maintenance != on
+	if changed {
 		rec.state.Maintenance = on
 		s.touchLocked(rec, s.clock.Now())
 		s.log.Info("maintenance", "device", id, "on", on)
 	}
-	return nil
+	snap := rec.view()
+	s.mu.Unlock()
+	// Written outside the lock: a state changed meanwhile has a higher
+	// Version, and the store writes that newer one instead.
+	err := s.store.SaveDeviceStateNow(ctx, snap)
+	if err == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if changed && rec.state.Version == snap.Version {
+		rec.state.Maintenance = !on // nothing changed since: undo
+		s.touchLocked(rec, s.clock.Now())
+	}
+	return &Error{Code: EUNAVAILABLE, Message: "maintenance not saved: the store cannot write", Err: err}
 }
 
 // EndRental ends a starting or active rental for reason (operator for a
@@ -1207,7 +1545,10 @@ func (s *Station) EndRental(ctx context.Context, rentalID string, reason Reason)
 	if !ok {
 		return Errorf(ENOTFOUND, "no running rental %q", rentalID)
 	}
-	return s.endLocked(ctx, s.clock.Now(), l, reason)
+	if err := s.endLocked(ctx, s.clock.Now(), l, reason); err != nil {
+		return &Error{Code: EUNAVAILABLE, Message: "rental ended and its device stopped, but the record waits for the store", Err: err}
+	}
+	return nil
 }
 
 // ActiveRentals returns the running rentals with their time used as of now,

@@ -19,12 +19,26 @@ type memStore struct {
 	events   []edged.Event
 	rentals  map[string]edged.Rental
 	commands map[string]edged.CommandRecord
+	results  map[string]edged.ResultRecord
+	stops    map[string]edged.StopRecord
 	states   map[string]edged.DeviceState
-	fail     error
+	durable  map[string]edged.DeviceState // states saved by SaveDeviceStateNow
+	// fail, when set, fails every write (Commit, SaveDeviceStateNow), as a
+	// full disk does; reads still work.
+	fail error
 }
 
 func newMemStore() *memStore {
-	return &memStore{rentals: map[string]edged.Rental{}, commands: map[string]edged.CommandRecord{}, states: map[string]edged.DeviceState{}}
+	return &memStore{rentals: map[string]edged.Rental{}, commands: map[string]edged.CommandRecord{},
+		results: map[string]edged.ResultRecord{}, stops: map[string]edged.StopRecord{},
+		states: map[string]edged.DeviceState{}, durable: map[string]edged.DeviceState{}}
+}
+
+// setFail sets or clears the write failure.
+func (m *memStore) setFail(err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.fail = err
 }
 
 func (m *memStore) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error) {
@@ -41,6 +55,16 @@ func (m *memStore) Commit(ctx context.Context, c edged.Change) ([]edged.Event, e
 	}
 	for _, r := range c.Commands {
 		m.commands[r.CmdID] = r
+	}
+	for _, r := range c.Results {
+		m.results[r.Key()] = r
+	}
+	for _, r := range c.Stops {
+		if r.Done {
+			delete(m.stops, r.DeviceID)
+		} else {
+			m.stops[r.DeviceID] = r
+		}
 	}
 	out := make([]edged.Event, len(c.Events))
 	for i, e := range c.Events {
@@ -85,6 +109,38 @@ func (m *memStore) Command(ctx context.Context, id string) (edged.CommandRecord,
 		return r, edged.Errorf(edged.ENOTFOUND, "no command")
 	}
 	return r, nil
+}
+
+func (m *memStore) Result(ctx context.Context, key string) (edged.ResultRecord, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r, ok := m.results[key]
+	if !ok {
+		return r, edged.Errorf(edged.ENOTFOUND, "no result")
+	}
+	return r, nil
+}
+
+func (m *memStore) Stops(ctx context.Context) ([]edged.StopRecord, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []edged.StopRecord
+	for _, r := range m.stops {
+		out = append(out, r)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].DeviceID < out[j].DeviceID })
+	return out, nil
+}
+
+func (m *memStore) SaveDeviceStateNow(ctx context.Context, s edged.DeviceState) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.fail != nil {
+		return m.fail
+	}
+	m.states[s.DeviceID] = s
+	m.durable[s.DeviceID] = s
+	return nil
 }
 
 func (m *memStore) SaveDeviceState(s edged.DeviceState) {

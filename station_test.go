@@ -323,8 +323,18 @@ func TestStartTimeoutAndDeviceError(t *testing.T) {
 	if got := results(h.since(seq)); strings.Join(got, " ") != "timeout" {
 		t.Fatalf("results = %v, want timeout", got)
 	}
-	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "stop" {
+	sent := h.dev.take()
+	if len(sent) != 1 || sent[0].Cmd.Action != "stop" {
 		t.Fatalf("after timeout sent %+v, want stop", sent)
+	}
+	// Until the device acknowledges that stop, it takes no new rental.
+	seq = h.lastSeq()
+	h.rental(grant("r0", "chair-1", "a", 60))
+	if got := results(h.since(seq)); strings.Join(got, " ") != "device_busy" {
+		t.Fatalf("grant with a stop outstanding: results = %v, want device_busy", got)
+	}
+	if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: sent[0].Cmd.CmdID, OK: true}); err != nil {
+		t.Fatal(err)
 	}
 
 	seq = h.lastSeq()
@@ -625,7 +635,7 @@ func TestOperatorEnd(t *testing.T) {
 func TestStoreFailureIsNotAcknowledged(t *testing.T) {
 	h := newHarness(t)
 	h.online("chair-1", edged.StatusIdle)
-	h.store.fail = edged.Errorf(edged.EUNAVAILABLE, "disk full")
+	h.store.setFail(edged.Errorf(edged.EUNAVAILABLE, "disk full"))
 	b, _ := json.Marshal(grant("r1", "chair-1", "a", 60))
 	if err := h.st.Rental(ctx, b); err == nil {
 		t.Fatal("grant reported durable while the store refused it")
@@ -633,8 +643,15 @@ func TestStoreFailureIsNotAcknowledged(t *testing.T) {
 	if sent := h.dev.take(); len(sent) != 0 {
 		t.Fatalf("device started without a durable grant: %+v", sent)
 	}
-	h.store.fail = nil
+	// Refused unavailable: the answer is written once the store recovers,
+	// and a redelivery gets the same answer; a new grant starts.
+	h.store.setFail(nil)
+	seq := h.lastSeq()
 	h.rental(grant("r1", "chair-1", "a", 60))
+	if got := results(h.since(seq)); strings.Join(got, " ") != "unavailable unavailable" {
+		t.Fatalf("after recovery: results %v, want the deferred unavailable and its re-report", got)
+	}
+	h.rental(grant("r2", "chair-1", "a", 60))
 	h.ack("chair-1", "start", true)
 }
 
@@ -713,5 +730,465 @@ func TestRunBeats(t *testing.T) {
 	}
 	if h.st.LastTick().IsZero() {
 		t.Fatal("Run never reported a pass")
+	}
+}
+
+// stopsTo returns the stops among the commands sent so far, forgetting
+// every command sent.
+func (h *harness) stopsTo(dev string) []edged.DeviceCommand {
+	var out []edged.DeviceCommand
+	for _, s := range h.dev.take() {
+		if s.Device == dev && s.Cmd.Action == edged.ActionStop {
+			out = append(out, s.Cmd)
+		}
+	}
+	return out
+}
+
+// A stop is resent until the device acknowledges it, backing off from
+// start_timeout to 60 s, while the device is online, and across restarts.
+func TestStopDelivered(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 10))
+	h.ack("chair-1", "start", true)
+	h.tick(10 * time.Second)
+	first := h.stopsTo("chair-1")
+	if len(first) != 1 || first[0].RentalID != "r1" {
+		t.Fatalf("at the end sent stops %+v, want one for r1", first)
+	}
+	// The device swallows it: resent after start_timeout, then after 10,
+	// 20, 40 and 60 s, never longer.
+	var gaps []time.Duration
+	last := h.clock.Now()
+	for i := 0; i < 2000 && len(gaps) < 8; i++ {
+		h.tick(500 * time.Millisecond)
+		if n := len(h.stopsTo("chair-1")); n > 0 {
+			if n != 1 {
+				t.Fatalf("%d stops at once", n)
+			}
+			gaps = append(gaps, h.clock.Now().Sub(last))
+			last = h.clock.Now()
+		}
+	}
+	want := []time.Duration{5, 10, 20, 40, 60, 60, 60, 60}
+	for i := range want {
+		want[i] *= time.Second
+	}
+	if fmt.Sprint(gaps) != fmt.Sprint(want) {
+		t.Fatalf("stop resent after %v, want %v", gaps, want)
+	}
+	// Busy while outstanding.
+	seq := h.lastSeq()
+	h.rental(grant("r2", "chair-1", "bob", 60))
+	if got := results(h.since(seq)); strings.Join(got, " ") != "device_busy" {
+		t.Fatalf("grant with a stop outstanding = %v, want device_busy", got)
+	}
+	// Offline: nothing is sent; back online: sent at once.
+	h.st.DeviceOnline(ctx, "chair-1", false)
+	h.tick(5 * time.Minute)
+	if got := h.stopsTo("chair-1"); len(got) != 0 {
+		t.Fatalf("sent to an offline device: %+v", got)
+	}
+	// Kept across a restart.
+	h.restart()
+	h.online("chair-1", edged.StatusInUse)
+	back := h.stopsTo("chair-1")
+	if len(back) != 1 || back[0].RentalID != "r1" {
+		t.Fatalf("on return after a restart sent %+v, want the stop of r1", back)
+	}
+	// A refusal keeps it outstanding; ok:true ends it.
+	if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: back[0].CmdID, OK: false, Error: "busy"}); err != nil {
+		t.Fatal(err)
+	}
+	h.tick(5 * time.Second)
+	again := h.stopsTo("chair-1")
+	if len(again) != 1 {
+		t.Fatalf("after ok:false sent %+v, want the stop again", again)
+	}
+	// A late ack of an earlier send counts.
+	if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: back[0].CmdID, OK: true}); err != nil {
+		t.Fatal(err)
+	}
+	h.tick(10 * time.Minute)
+	if got := h.stopsTo("chair-1"); len(got) != 0 {
+		t.Fatalf("sent after the ack: %+v", got)
+	}
+	h.restart()
+	h.online("chair-1", edged.StatusIdle)
+	if got := h.stopsTo("chair-1"); len(got) != 0 {
+		t.Fatalf("a delivered stop came back after a restart: %+v", got)
+	}
+	seq = h.lastSeq()
+	h.rental(grant("r3", "chair-1", "bob", 60))
+	h.ack("chair-1", "start", true)
+	if got := results(h.since(seq)); strings.Join(got, " ") != "ok" {
+		t.Fatalf("grant after the stop landed = %v, want ok", got)
+	}
+}
+
+// Whatever ends a rental, its stop is delivered; a report of idle ends it
+// as an ack does. Unrented use is stopped the same way.
+func TestStopAfterEveryEnd(t *testing.T) {
+	ends := map[string]func(h *harness){
+		"cancel": func(h *harness) {
+			h.rental(map[string]any{"op": "cancel", "rental_id": "r1", "device_id": "chair-1", "renter_id": "alice"})
+		},
+		"renter": func(h *harness) {
+			h.command(map[string]any{"cmd_id": "c1", "device_id": "chair-1", "renter_id": "alice", "action": "end"})
+		},
+		"operator": func(h *harness) { h.st.EndRental(ctx, "r1", edged.ReasonOperator) },
+		"expiry":   func(h *harness) { h.tick(time.Minute) },
+		"fault":    func(h *harness) { h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusFault}) },
+	}
+	for name, end := range ends {
+		t.Run(name, func(t *testing.T) {
+			h := newHarness(t)
+			h.online("chair-1", edged.StatusIdle)
+			h.rental(grant("r1", "chair-1", "alice", 60))
+			h.ack("chair-1", "start", true)
+			h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusInUse})
+			end(h)
+			if got := h.stopsTo("chair-1"); len(got) != 1 {
+				t.Fatalf("at the end sent stops %+v, want one", got)
+			}
+			h.tick(5 * time.Second)
+			if got := h.stopsTo("chair-1"); len(got) != 1 {
+				t.Fatalf("unacknowledged stop resent %d times, want 1", len(got))
+			}
+			h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusIdle})
+			h.tick(5 * time.Minute)
+			if got := h.stopsTo("chair-1"); len(got) != 0 {
+				t.Fatalf("stop resent after the device reported idle: %+v", got)
+			}
+		})
+	}
+	t.Run("unrented use", func(t *testing.T) {
+		h := newHarness(t)
+		h.online("chair-1", edged.StatusInUse)
+		if got := h.stopsTo("chair-1"); len(got) != 1 {
+			t.Fatalf("unrented use: stops %+v, want one", got)
+		}
+		h.tick(5 * time.Second)
+		again := h.stopsTo("chair-1")
+		if len(again) != 1 {
+			t.Fatalf("unacknowledged stop of unrented use resent %d times, want 1", len(again))
+		}
+		h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: again[0].CmdID, OK: true})
+		h.tick(5 * time.Minute)
+		if got := h.stopsTo("chair-1"); len(got) != 0 {
+			t.Fatalf("stop resent after its ack: %+v", got)
+		}
+	})
+}
+
+// Every rental message is answered once, and a redelivery of it the same
+// way whenever it comes: after the rental ended, past its not_after, after
+// a restart (§3.1).
+func TestRedeliveriesAnsweredAlike(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	notAfter := h.clock.Now().Add(time.Minute).Format(time.RFC3339)
+	msg := func(op string, dur int, renter string) map[string]any {
+		m := map[string]any{"op": op, "rental_id": "r1", "device_id": "chair-1", "renter_id": renter, "not_after": notAfter}
+		if dur > 0 {
+			m["duration_s"] = dur
+		}
+		return m
+	}
+	msgs := []map[string]any{
+		msg("grant", 600, "alice"),
+		msg("extend", 900, "alice"),
+		msg("extend", 1200, "bob"), // not_renter
+		msg("cancel", 0, "alice"),
+		msg("extend", 1500, "alice"), // after the end: no_rental
+	}
+	want := []string{"ok", "ok", "not_renter", "ok", "no_rental"}
+	var first []string
+	for i, m := range msgs {
+		seq := h.lastSeq()
+		h.rental(m)
+		if i == 0 {
+			h.ack("chair-1", "start", true)
+		}
+		got := results(h.since(seq))
+		if len(got) != 1 {
+			t.Fatalf("message %d: results %v, want exactly one", i, got)
+		}
+		first = append(first, got[0])
+	}
+	if fmt.Sprint(first) != fmt.Sprint(want) {
+		t.Fatalf("first answers = %v, want %v", first, want)
+	}
+	redeliver := func(when string) {
+		t.Helper()
+		for i, m := range msgs {
+			seq := h.lastSeq()
+			h.rental(m)
+			evs := h.since(seq)
+			if got := results(evs); len(got) != 1 || got[0] != want[i] || len(evs) != 1 {
+				t.Fatalf("%s: message %d (%v) answered %v (events %v), want only %s", when, i, m["op"], got, types(evs), want[i])
+			}
+		}
+		if sent := h.dev.take(); len(sent) != 0 {
+			t.Fatalf("%s: redeliveries reached the device: %+v", when, sent)
+		}
+	}
+	h.dev.take()
+	h.st.DeviceState(ctx, "chair-1", edged.StateReport{Status: edged.StatusIdle})
+	redeliver("after the end")
+	h.tick(2 * time.Minute)
+	redeliver("past not_after")
+	h.restart()
+	h.online("chair-1", edged.StatusIdle)
+	redeliver("after a restart")
+
+	// A message first seen past its not_after is expired, and stays so.
+	h.clock.Advance(time.Hour)
+	late := map[string]any{"op": "grant", "rental_id": "r2", "device_id": "chair-1", "renter_id": "alice", "duration_s": 60, "not_after": notAfter}
+	for i := 0; i < 2; i++ {
+		seq := h.lastSeq()
+		h.rental(late)
+		if got := results(h.since(seq)); strings.Join(got, " ") != "expired" {
+			t.Fatalf("late grant, delivery %d: %v, want expired", i, got)
+		}
+	}
+	// An extend answered no_rental because its rental was unknown is not
+	// judged again when the rental appears later: a new attempt needs a
+	// new message.
+	ext := map[string]any{"op": "extend", "rental_id": "r3", "device_id": "chair-1", "renter_id": "alice", "duration_s": 300}
+	h.rental(ext)
+	h.rental(grant("r3", "chair-1", "alice", 60))
+	h.ack("chair-1", "start", true)
+	seq := h.lastSeq()
+	h.rental(ext)
+	if got := results(h.since(seq)); strings.Join(got, " ") != "no_rental" {
+		t.Fatalf("redelivered extend = %v, want its first answer no_rental", got)
+	}
+}
+
+// A cancel before the device acknowledged start: the grant's result is
+// cancelled, the cancel's ok, stop is sent, and the rental never started.
+func TestCancelBeforeStartAck(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	seq := h.lastSeq()
+	g := grant("r1", "chair-1", "alice", 600)
+	cancel := map[string]any{"op": "cancel", "rental_id": "r1", "device_id": "chair-1", "renter_id": "alice"}
+	h.rental(g)
+	h.rental(g) // redelivered while starting: answered with the ack
+	start := h.dev.take()
+	if len(start) != 1 || start[0].Cmd.Action != "start" {
+		t.Fatalf("sent %+v, want one start", start)
+	}
+	h.rental(cancel)
+	evs := h.since(seq)
+	if got := types(evs); strings.Join(got, " ") != "rental.result rental.result" {
+		t.Fatalf("events = %v, want two results and nothing else", got)
+	}
+	if evs[0].Data["op"] != "grant" || evs[0].Data["ok"] != false || evs[0].Data["reason"] != "cancelled" {
+		t.Fatalf("grant's result = %v, want ok false cancelled", evs[0].Data)
+	}
+	if evs[1].Data["op"] != "cancel" || evs[1].Data["ok"] != true {
+		t.Fatalf("cancel's result = %v, want ok", evs[1].Data)
+	}
+	stops := h.stopsTo("chair-1")
+	if len(stops) != 1 || stops[0].RentalID != "r1" {
+		t.Fatalf("sent %+v, want the stop of r1", stops)
+	}
+	// The start's late ack changes nothing.
+	seq = h.lastSeq()
+	if err := h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: start[0].Cmd.CmdID, OK: true}); err != nil {
+		t.Fatal(err)
+	}
+	h.tick(time.Second)
+	if got := types(h.since(seq)); len(got) != 0 {
+		t.Fatalf("after the late start ack: events %v", got)
+	}
+	if len(h.st.ActiveRentals()) != 0 {
+		t.Fatal("a cancelled rental runs")
+	}
+	for _, m := range []map[string]any{g, cancel} {
+		seq := h.lastSeq()
+		h.rental(m)
+		want := map[string]string{"grant": "cancelled", "cancel": "ok"}[m["op"].(string)]
+		if got := results(h.since(seq)); strings.Join(got, " ") != want {
+			t.Fatalf("redelivered %s = %v, want %s", m["op"], got, want)
+		}
+	}
+	h.tick(5 * time.Second)
+	if got := h.stopsTo("chair-1"); len(got) != 1 {
+		t.Fatalf("unacknowledged stop resent %d times, want 1", len(got))
+	}
+}
+
+// A device never seen shows when edged first loaded it, not the zero time.
+func TestNeverSeenDeviceUpdatedAt(t *testing.T) {
+	h := newHarness(t)
+	st, _ := h.st.Device("chair-2")
+	if !st.UpdatedAt.Equal(h.clock.Now()) {
+		t.Fatalf("updated_at of a device never seen = %v, want %v", st.UpdatedAt, h.clock.Now())
+	}
+	h.online("chair-1", edged.StatusIdle)
+	seen, _ := h.st.Device("chair-1")
+	h.clock.Advance(time.Hour)
+	h.st.Tick(ctx) // the state is buffered in the store, as a flush would
+	h.restart()
+	st, _ = h.st.Device("chair-1")
+	if !st.UpdatedAt.Equal(seen.UpdatedAt) {
+		t.Fatalf("after a restart updated_at = %v, want the stored %v", st.UpdatedAt, seen.UpdatedAt)
+	}
+}
+
+var errDiskFull = edged.Errorf(edged.EUNAVAILABLE, "write edged.db: no space left on device")
+
+// When the store cannot write, the station keeps enforcing what it holds,
+// refuses what it cannot record, and writes every waiting record in
+// decision order, with no gap, once the store recovers (§4).
+func TestStoreCannotWrite(t *testing.T) {
+	h := newHarness(t)
+	for _, d := range []string{"chair-1", "chair-2", "chair-3"} {
+		h.online(d, edged.StatusIdle)
+	}
+	h.rental(grant("r1", "chair-1", "alice", 10))
+	h.ack("chair-1", "start", true)
+	seq := h.lastSeq()
+	h.store.setFail(errDiskFull)
+
+	send := func(what string, f func([]byte) error, msg map[string]any) {
+		t.Helper()
+		b, _ := json.Marshal(msg)
+		if err := f(b); edged.ErrorCode(err) != edged.EUNAVAILABLE {
+			t.Fatalf("%s while the store cannot write: %v, want unavailable (left unacknowledged)", what, err)
+		}
+	}
+	send("grant", func(b []byte) error { return h.st.Rental(ctx, b) }, grant("r2", "chair-2", "bob", 60))
+	send("renter command", func(b []byte) error { return h.st.RenterCommand(ctx, b) },
+		map[string]any{"cmd_id": "c1", "device_id": "chair-1", "renter_id": "alice", "action": "massage"})
+	if sent := h.dev.take(); len(sent) != 0 {
+		t.Fatalf("refused messages reached devices: %+v", sent)
+	}
+	if err := h.st.DeviceEvent(ctx, "chair-2", []byte(`{"type":"door"}`)); edged.ErrorCode(err) != edged.EUNAVAILABLE {
+		t.Fatalf("device event while the store cannot write: %v, want an error (no PUBACK)", err)
+	}
+	// Unrented use is still stopped; the report itself is taken.
+	if err := h.st.DeviceState(ctx, "chair-3", edged.StateReport{Status: edged.StatusInUse}); err != nil {
+		t.Fatalf("state report: %v", err)
+	}
+	if got := h.stopsTo("chair-3"); len(got) != 1 {
+		t.Fatalf("unrented use with a full disk: stops %+v, want one", got)
+	}
+	// An extend is carried out, left unacknowledged, and answered alike.
+	ext := map[string]any{"op": "extend", "rental_id": "r1", "device_id": "chair-1", "renter_id": "alice", "duration_s": 20}
+	send("extend", func(b []byte) error { return h.st.Rental(ctx, b) }, ext)
+	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "start" || sent[0].Cmd.DurationS != 20 {
+		t.Fatalf("after the extend sent %+v, want start with 20 s", sent)
+	}
+	send("redelivered extend", func(b []byte) error { return h.st.Rental(ctx, b) }, ext)
+	// Presence still counts: the stop waits for the device to return.
+	if err := h.st.DeviceOnline(ctx, "chair-1", false); err != nil {
+		t.Fatal(err)
+	}
+	h.tick(20 * time.Second)
+	if len(h.st.ActiveRentals()) != 0 {
+		t.Fatal("the rental outlived its time on a full disk")
+	}
+	if err := h.st.DeviceOnline(ctx, "chair-1", true); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.stopsTo("chair-1"); len(got) != 1 || got[0].RentalID != "r1" {
+		t.Fatalf("on return sent %+v, want the stop of r1", got)
+	}
+	// Maintenance cannot be saved: refused and not applied.
+	if err := h.st.SetMaintenance(ctx, "chair-2", true); edged.ErrorCode(err) != edged.EUNAVAILABLE {
+		t.Fatalf("maintenance on a full disk: %v, want unavailable", err)
+	}
+	if st, _ := h.st.Device("chair-2"); st.Maintenance {
+		t.Fatal("maintenance applied though it could not be saved")
+	}
+	if got := h.since(seq); len(got) != 0 {
+		t.Fatalf("written while the store failed: %v", types(got))
+	}
+	if h.st.Unrecorded() == 0 {
+		t.Fatal("Unrecorded() = 0 with records waiting")
+	}
+
+	h.store.setFail(nil)
+	h.tick(5 * time.Second)
+	if n := h.st.Unrecorded(); n != 0 {
+		t.Fatalf("Unrecorded() = %d after the store recovered", n)
+	}
+	evs := h.since(seq)
+	want := "rental.result command.result device.unrented_use rental.result rental.extended " +
+		"rental.result device.offline rental.ended device.online"
+	if got := strings.Join(types(evs), " "); got != want {
+		t.Fatalf("written after recovery:\n%s\nwant, in decision order:\n%s", got, want)
+	}
+	// The grant, the renter command, the extend and its redelivery.
+	if got := results(evs); strings.Join(got, " ") != "unavailable unavailable ok ok" {
+		t.Fatalf("results = %v", got)
+	}
+	for i, e := range h.since(0) {
+		if e.Seq != uint64(i+1) {
+			t.Fatalf("event %d has seq %d: a gap", i, e.Seq)
+		}
+	}
+	if err := h.st.DeviceEvent(ctx, "chair-2", []byte(`{"type":"door"}`)); err != nil {
+		t.Fatalf("device event after recovery: %v", err)
+	}
+	if err := h.st.SetMaintenance(ctx, "chair-2", true); err != nil {
+		t.Fatal(err)
+	}
+	if !h.store.durable["chair-2"].Maintenance {
+		t.Fatal("maintenance answered before it was durable")
+	}
+}
+
+// A restart while the disk is full comes up and enforces the rentals it
+// has: an active one ends on time with its stop, a starting one times out
+// and its device is stopped; the records are written once the disk
+// recovers.
+func TestRestartWithFullStore(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.online("chair-2", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 60))
+	h.ack("chair-1", "start", true)
+	h.rental(grant("r2", "chair-2", "bob", 60))
+	h.dev.take()
+	h.tick(3 * time.Second) // checkpoint
+	seq := h.lastSeq()
+	h.store.setFail(errDiskFull)
+	h.restart()
+	if h.st.Unrecorded() == 0 {
+		t.Fatal("the resume's records are not waiting")
+	}
+	h.online("chair-1", edged.StatusInUse)
+	h.online("chair-2", edged.StatusIdle)
+	sent := h.dev.take()
+	if len(sent) != 2 || sent[0].Cmd.Action != "start" || sent[0].Cmd.DurationS != 57 || sent[1].Cmd.Action != "stop" || sent[1].Cmd.RentalID != "r2" {
+		t.Fatalf("on return sent %+v, want start of r1 with 57 s and the stop of r2", sent)
+	}
+	h.tick(56 * time.Second)
+	if len(h.st.ActiveRentals()) != 1 {
+		t.Fatal("r1 ended early")
+	}
+	h.tick(time.Second)
+	if got := h.stopsTo("chair-1"); len(got) != 1 || got[0].RentalID != "r1" {
+		t.Fatalf("at the end sent %+v, want the stop of r1", got)
+	}
+	h.store.setFail(nil)
+	h.tick(5 * time.Second)
+	evs := h.since(seq)
+	if got := strings.Join(types(evs), " "); got != "rental.result device.online device.online rental.ended" {
+		t.Fatalf("written after recovery: %s", got)
+	}
+	if r, _ := h.store.Rental(ctx, "r2"); r.State != edged.RentalRejected || r.Reason != edged.ReasonTimeout {
+		t.Fatalf("r2 stored as %s/%s, want rejected/timeout", r.State, r.Reason)
+	}
+	for i, e := range h.since(0) {
+		if e.Seq != uint64(i+1) {
+			t.Fatalf("event %d has seq %d: a gap", i, e.Seq)
+		}
 	}
 }

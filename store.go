@@ -5,12 +5,20 @@ import (
 	"time"
 )
 
-// Change is one atomic, durable step of the station: rentals and command
-// records to upsert and events to append. A Store commits all of it or none.
+// Change is one atomic, durable step of the station: rentals, command
+// records, result records and stop records to upsert (a Done stop record is
+// deleted) and events to append. A Store commits all of it or none.
 type Change struct {
 	Rentals  []Rental
 	Commands []CommandRecord
+	Results  []ResultRecord
+	Stops    []StopRecord
 	Events   []Event
+}
+
+// Empty reports whether c holds nothing to commit.
+func (c Change) Empty() bool {
+	return len(c.Rentals)+len(c.Commands)+len(c.Results)+len(c.Stops)+len(c.Events) == 0
 }
 
 // Store is the station's durable state. Implementations are safe for
@@ -30,10 +38,20 @@ type Store interface {
 	Rentals(ctx context.Context, limit int, states ...RentalState) ([]Rental, error)
 	// Command returns a renter command's record. Errors: ENOTFOUND.
 	Command(ctx context.Context, cmdID string) (CommandRecord, error)
+	// Result returns the result record of a rental message by its
+	// ResultKey. Errors: ENOTFOUND.
+	Result(ctx context.Context, key string) (ResultRecord, error)
+	// Stops returns every stop still to be delivered.
+	Stops(ctx context.Context) ([]StopRecord, error)
 
 	// SaveDeviceState records the latest state of a device. It may buffer:
 	// latest state is flushed in the background, not fsynced per call.
 	SaveDeviceState(s DeviceState)
+	// SaveDeviceStateNow records the latest state of a device durably
+	// before it returns, for changes a technician is told are saved
+	// (maintenance). A state saved meanwhile with a higher Version wins.
+	// Errors: EUNAVAILABLE.
+	SaveDeviceStateNow(ctx context.Context, s DeviceState) error
 	// DeviceStates returns the last saved state of every device.
 	DeviceStates(ctx context.Context) ([]DeviceState, error)
 

@@ -25,7 +25,7 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 	if err := validChange(c); err != nil {
 		return nil, err
 	}
-	if len(c.Rentals)+len(c.Commands)+len(c.Events) == 0 {
+	if c.Empty() {
 		return []edged.Event{}, nil
 	}
 	rentals := make([][]byte, len(c.Rentals))
@@ -44,6 +44,25 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		}
 		commands[i] = v
 	}
+	results := make([][]byte, len(c.Results))
+	for i, r := range c.Results {
+		v, err := json.Marshal(r)
+		if err != nil {
+			return nil, internalErr("encode result record", err)
+		}
+		results[i] = v
+	}
+	stops := make([][]byte, len(c.Stops))
+	for i, r := range c.Stops {
+		if r.Done {
+			continue
+		}
+		v, err := json.Marshal(r)
+		if err != nil {
+			return nil, internalErr("encode stop record", err)
+		}
+		stops[i] = v
+	}
 
 	db.outMu.RLock()
 	defer db.outMu.RUnlock()
@@ -54,7 +73,7 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		}
 		// A batch function may run again after a rollback: start over.
 		res = commitResult{}
-		return db.commitTx(tx, c, rentals, commands, &res)
+		return db.commitTx(tx, c, encoded{rentals, commands, results, stops}, &res)
 	}
 	var err error
 	if groupable(c) || db.testAlwaysBatch {
@@ -91,7 +110,7 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 // at a time under its lock, so a batch would only ever hold one of them
 // and each would wait out bbolt's batch delay for nothing.
 func groupable(c edged.Change) bool {
-	if len(c.Rentals) > 0 || len(c.Commands) > 0 {
+	if len(c.Rentals) > 0 || len(c.Commands) > 0 || len(c.Results) > 0 || len(c.Stops) > 0 {
 		return false
 	}
 	for _, e := range c.Events {
@@ -124,6 +143,16 @@ func validChange(c edged.Change) error {
 			return edged.Errorf(edged.EINVALID, "cmd_id must be 1 to %d bytes", maxIDLen)
 		}
 	}
+	for _, r := range c.Results {
+		if r.RentalID == "" || len(r.Key()) > 2*maxIDLen {
+			return edged.Errorf(edged.EINVALID, "result record needs a rental id of 1 to %d bytes", maxIDLen)
+		}
+	}
+	for _, r := range c.Stops {
+		if r.DeviceID == "" || len(r.DeviceID) > maxIDLen {
+			return edged.Errorf(edged.EINVALID, "stop record needs a device id of 1 to %d bytes", maxIDLen)
+		}
+	}
 	for _, e := range c.Events {
 		if e.Type == "" {
 			return edged.Errorf(edged.EINVALID, "event without a type")
@@ -135,18 +164,42 @@ func validChange(c edged.Change) error {
 	return nil
 }
 
+// encoded holds a change's records as JSON, encoded once outside the
+// transaction.
+type encoded struct {
+	rentals, commands, results, stops [][]byte
+}
+
 // commitTx is the body of a commit. It reads everything it needs from tx,
 // so it may run any number of times.
-func (db *DB) commitTx(tx *bolt.Tx, c edged.Change, rentals, commands [][]byte, res *commitResult) error {
+func (db *DB) commitTx(tx *bolt.Tx, c edged.Change, enc encoded, res *commitResult) error {
 	rb := tx.Bucket(bucketRentals)
 	for i, r := range c.Rentals {
-		if err := rb.Put([]byte(r.ID), rentals[i]); err != nil {
+		if err := rb.Put([]byte(r.ID), enc.rentals[i]); err != nil {
 			return err
 		}
 	}
 	cb := tx.Bucket(bucketCommands)
 	for i, r := range c.Commands {
-		if err := cb.Put([]byte(r.CmdID), commands[i]); err != nil {
+		if err := cb.Put([]byte(r.CmdID), enc.commands[i]); err != nil {
+			return err
+		}
+	}
+	xb := tx.Bucket(bucketResults)
+	for i, r := range c.Results {
+		if err := xb.Put([]byte(r.Key()), enc.results[i]); err != nil {
+			return err
+		}
+	}
+	sb := tx.Bucket(bucketStops)
+	for i, r := range c.Stops {
+		var err error
+		if r.Done {
+			err = sb.Delete([]byte(r.DeviceID))
+		} else {
+			err = sb.Put([]byte(r.DeviceID), enc.stops[i])
+		}
+		if err != nil {
 			return err
 		}
 	}

@@ -25,6 +25,38 @@ func (db *DB) Command(ctx context.Context, cmdID string) (edged.CommandRecord, e
 	return r, err
 }
 
+// Result returns a rental message's result record by its edged.ResultKey.
+// Errors: ENOTFOUND, EUNAVAILABLE.
+func (db *DB) Result(ctx context.Context, key string) (edged.ResultRecord, error) {
+	var r edged.ResultRecord
+	err := db.get(ctx, bucketResults, key, "result", &r)
+	return r, err
+}
+
+// Stops returns every stop record, ordered by device id. Errors:
+// EUNAVAILABLE.
+func (db *DB) Stops(ctx context.Context) ([]edged.StopRecord, error) {
+	if err := ctxErr(ctx); err != nil {
+		return nil, err
+	}
+	var out []edged.StopRecord
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		out = out[:0]
+		return tx.Bucket(bucketStops).ForEach(func(_, v []byte) error {
+			var r edged.StopRecord
+			if err := json.Unmarshal(v, &r); err != nil {
+				return internalErr("decode stop record", err)
+			}
+			out = append(out, r)
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, storeErr("read stops", err)
+	}
+	return out, nil
+}
+
 func (db *DB) get(ctx context.Context, bucket []byte, id, what string, dst any) error {
 	if err := ctxErr(ctx); err != nil {
 		return err
@@ -81,8 +113,8 @@ func (db *DB) Rentals(ctx context.Context, limit int, states ...edged.RentalStat
 // recordBatch bounds the records one retention transaction deletes.
 const recordBatch = 1000
 
-// pruneRecords deletes ended and rejected rentals and done command records
-// older than Retention, a bounded number per transaction.
+// pruneRecords deletes ended and rejected rentals, done command records and
+// result records older than Retention, a bounded number per transaction.
 func (db *DB) pruneRecords() error {
 	cutoff := db.opts.Now().Add(-db.opts.Retention)
 	rentalOld := func(v []byte) bool {
@@ -106,7 +138,17 @@ func (db *DB) pruneRecords() error {
 		}
 		return r.Done && r.At.Before(cutoff)
 	}
+	resultOld := func(v []byte) bool {
+		var r edged.ResultRecord
+		if json.Unmarshal(v, &r) != nil {
+			return false
+		}
+		return r.At.Before(cutoff)
+	}
 	if err := db.pruneBucket(bucketRentals, rentalOld); err != nil {
+		return err
+	}
+	if err := db.pruneBucket(bucketResults, resultOld); err != nil {
 		return err
 	}
 	return db.pruneBucket(bucketCommands, commandOld)
@@ -166,6 +208,44 @@ func (db *DB) SaveDeviceState(s edged.DeviceState) {
 	db.devMu.Unlock()
 }
 
+// SaveDeviceStateNow writes the latest state of a device durably before it
+// returns. When a state with a higher Version was saved meanwhile, that one
+// is written instead: it is newer and includes s's change. Errors:
+// EUNAVAILABLE.
+func (db *DB) SaveDeviceStateNow(ctx context.Context, s edged.DeviceState) error {
+	if err := ctxErr(ctx); err != nil {
+		return err
+	}
+	db.flushMu.Lock()
+	defer db.flushMu.Unlock()
+	db.devMu.Lock()
+	if cur, ok := db.devBuf[s.DeviceID]; ok && cur.state.Version > s.Version {
+		s = cur.state
+	} else {
+		s = s.Clone()
+	}
+	db.devVer++
+	ver := db.devVer
+	db.devBuf[s.DeviceID] = bufferedState{state: s, ver: ver}
+	db.devMu.Unlock()
+	v, err := json.Marshal(s)
+	if err != nil {
+		return internalErr("encode device state", err)
+	}
+	err = db.update("save device state", func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketDevices).Put([]byte(s.DeviceID), v)
+	})
+	if err != nil {
+		return err // still buffered: a later flush writes it
+	}
+	db.devMu.Lock()
+	if cur, ok := db.devBuf[s.DeviceID]; ok && cur.ver == ver {
+		delete(db.devBuf, s.DeviceID)
+	}
+	db.devMu.Unlock()
+	return nil
+}
+
 // DeviceStates returns the last saved state of every device, the buffered
 // ones included, ordered by device id. Errors: EUNAVAILABLE.
 func (db *DB) DeviceStates(ctx context.Context) ([]edged.DeviceState, error) {
@@ -210,6 +290,8 @@ func (db *DB) DeviceStates(ctx context.Context) ([]edged.DeviceState, error) {
 // flushDevices writes the buffered device states in one transaction and
 // forgets those not saved again meanwhile.
 func (db *DB) flushDevices() error {
+	db.flushMu.Lock()
+	defer db.flushMu.Unlock()
 	db.devMu.Lock()
 	if len(db.devBuf) == 0 {
 		db.devMu.Unlock()

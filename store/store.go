@@ -14,6 +14,9 @@
 //	          undelivered events; the envelope itself stays in events
 //	rentals   rental id -> JSON edged.Rental
 //	commands  cmd id -> JSON edged.CommandRecord
+//	results   edged.ResultKey -> JSON edged.ResultRecord: the result each
+//	          rental message got, for redeliveries (§3.1)
+//	stops     device id -> JSON edged.StopRecord: stops not yet delivered
 //	devices   device id -> JSON edged.DeviceState
 //
 // The meta "state" record holds the last seq, the outbox's size (events,
@@ -59,8 +62,9 @@
 // Delivered events stay in the log until they are older than the newest
 // Options.LogRetain events; they are pruned a bounded number at a time on
 // Ack and in the background. Dropped events leave the log at once. Ended and
-// rejected rentals and done command records older than Options.Retention are
-// pruned in the background; starting and active rentals never are.
+// rejected rentals, done command records and result records older than
+// Options.Retention are pruned in the background; starting and active
+// rentals and stop records never are.
 //
 // # Device state
 //
@@ -140,6 +144,8 @@ var (
 	bucketRentals  = []byte("rentals")
 	bucketCommands = []byte("commands")
 	bucketDevices  = []byte("devices")
+	bucketResults  = []byte("results")
+	bucketStops    = []byte("stops")
 
 	keyVersion = []byte("version")
 	keyState   = []byte("state")
@@ -172,9 +178,13 @@ type DB struct {
 
 	health atomic.Pointer[error]
 
-	devMu  sync.Mutex
-	devBuf map[string]bufferedState
-	devVer uint64
+	// flushMu serializes writers of device states, so a state written
+	// at once by SaveDeviceStateNow is never overwritten by an older one
+	// a background flush had copied before.
+	flushMu sync.Mutex
+	devMu   sync.Mutex
+	devBuf  map[string]bufferedState
+	devVer  uint64
 
 	warnMu       sync.Mutex
 	lastOverWarn time.Time
@@ -290,7 +300,7 @@ func Open(path string, opts Options) (*DB, error) {
 func (db *DB) init() error {
 	var snap snapshot
 	err := db.bolt.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketMeta, bucketEvents, bucketOutbox, bucketRentals, bucketCommands, bucketDevices} {
+		for _, name := range [][]byte{bucketMeta, bucketEvents, bucketOutbox, bucketRentals, bucketCommands, bucketDevices, bucketResults, bucketStops} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}

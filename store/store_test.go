@@ -947,3 +947,100 @@ func TestFlushManyDevicesInChunks(t *testing.T) {
 		t.Fatalf("%d device states after reopen, want %d", len(got), n)
 	}
 }
+
+func TestResultAndStopRecords(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "edged.db")
+	db := openTest(t, path, Options{})
+	ctx := context.Background()
+	grant := edged.ResultRecord{RentalID: "r1", Op: edged.OpGrant, DeviceID: "chair-001", OK: false, Reason: edged.ReasonCancelled, At: t0}
+	ext := edged.ResultRecord{RentalID: "r1", Op: edged.OpExtend, DurationS: 900, DeviceID: "chair-001", OK: true, At: t0}
+	commit(t, db, edged.Change{
+		Results: []edged.ResultRecord{grant, ext},
+		Stops:   []edged.StopRecord{{DeviceID: "chair-001", RentalID: "r1", Since: t0}, {DeviceID: "chair-002", Since: t0}},
+		Events:  []edged.Event{rentalEvent("r1")},
+	})
+	commit(t, db, edged.Change{Stops: []edged.StopRecord{{DeviceID: "chair-002", Done: true}}})
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db = openTest(t, path, Options{})
+	for _, want := range []edged.ResultRecord{grant, ext} {
+		got, err := db.Result(ctx, want.Key())
+		if err != nil {
+			t.Fatalf("Result(%q): %v", want.Key(), err)
+		}
+		if diff := cmp.Diff(want, got); diff != "" {
+			t.Errorf("result record (-want +got):\n%s", diff)
+		}
+	}
+	// Another extend duration is another message; a grant is one message
+	// whatever its duration.
+	if _, err := db.Result(ctx, edged.ResultKey("r1", edged.OpExtend, 600)); edged.ErrorCode(err) != edged.ENOTFOUND {
+		t.Errorf("extend to 600: %v, want not found", err)
+	}
+	if _, err := db.Result(ctx, edged.ResultKey("r1", edged.OpGrant, 60)); err != nil {
+		t.Errorf("grant with another duration: %v, want the grant's record", err)
+	}
+	stops, err := db.Stops(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]edged.StopRecord{{DeviceID: "chair-001", RentalID: "r1", Since: t0}}, stops); diff != "" {
+		t.Errorf("stops after a done record and a reopen (-want +got):\n%s", diff)
+	}
+}
+
+func TestRetentionPrunesOldResults(t *testing.T) {
+	db := openTest(t, "", Options{Retention: 24 * time.Hour, Now: func() time.Time { return t0 }})
+	ctx := context.Background()
+	old := edged.ResultRecord{RentalID: "old", Op: edged.OpCancel, At: t0.Add(-48 * time.Hour)}
+	recent := edged.ResultRecord{RentalID: "recent", Op: edged.OpCancel, At: t0.Add(-time.Hour)}
+	commit(t, db, edged.Change{Results: []edged.ResultRecord{old, recent}, Stops: []edged.StopRecord{{DeviceID: "d", Since: t0.Add(-48 * time.Hour)}}})
+	if err := db.pruneRecords(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Result(ctx, old.Key()); edged.ErrorCode(err) != edged.ENOTFOUND {
+		t.Errorf("old result: %v, want pruned", err)
+	}
+	if _, err := db.Result(ctx, recent.Key()); err != nil {
+		t.Errorf("recent result: %v", err)
+	}
+	if stops, _ := db.Stops(ctx); len(stops) != 1 {
+		t.Errorf("stops = %v: a stop is never pruned", stops)
+	}
+}
+
+func TestSaveDeviceStateNowIsDurable(t *testing.T) {
+	db := openTest(t, "", Options{FlushInterval: time.Hour})
+	ctx := context.Background()
+	onDisk := func(id string) (edged.DeviceState, bool) {
+		var s edged.DeviceState
+		var ok bool
+		db.bolt.View(func(tx *bolt.Tx) error {
+			if v := tx.Bucket(bucketDevices).Get([]byte(id)); v != nil {
+				ok = json.Unmarshal(v, &s) == nil
+			}
+			return nil
+		})
+		return s, ok
+	}
+	db.SaveDeviceState(edged.DeviceState{DeviceID: "chair-001", Status: edged.StatusIdle, Version: 1})
+	if err := db.SaveDeviceStateNow(ctx, edged.DeviceState{DeviceID: "chair-001", Status: edged.StatusIdle, Maintenance: true, Version: 2}); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok := onDisk("chair-001"); !ok || !s.Maintenance {
+		t.Fatalf("on disk after SaveDeviceStateNow: %+v (found %v), want maintenance", s, ok)
+	}
+	// A newer buffered state wins over an older one saved now.
+	db.SaveDeviceState(edged.DeviceState{DeviceID: "chair-002", Status: edged.StatusInUse, Maintenance: true, Version: 5})
+	if err := db.SaveDeviceStateNow(ctx, edged.DeviceState{DeviceID: "chair-002", Status: edged.StatusIdle, Version: 4}); err != nil {
+		t.Fatal(err)
+	}
+	if s, _ := onDisk("chair-002"); s.Status != edged.StatusInUse || !s.Maintenance {
+		t.Fatalf("on disk = %+v, want the newer buffered state", s)
+	}
+	db.Close()
+	if err := db.SaveDeviceStateNow(ctx, edged.DeviceState{DeviceID: "chair-003", Version: 1}); edged.ErrorCode(err) != edged.EUNAVAILABLE {
+		t.Fatalf("SaveDeviceStateNow on a closed store: %v, want unavailable", err)
+	}
+}
