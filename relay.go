@@ -71,11 +71,10 @@ func (d decision) answers(rentalID, op string) bool {
 // RelayRental decides a rental message relayed by device deviceID on
 // devices/D/grants (§2): the cloud's own decision (Rental), with two rules
 // before it. Its rental.result events say "via": "device", and each is
-// answered to the device with a rental_result command once recorded.
+// answered to the device with a rental_result command once recorded. Like
+// Rental, it returns an error only when nothing could be decided (the store
+// cannot be read): the link must then not acknowledge the message.
 func (s *Station) RelayRental(ctx context.Context, deviceID string, payload []byte) error {
-	if _, ok := s.devices[deviceID]; !ok { // devices is not modified after NewStation
-		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
-	}
 	return s.applyRental(ctx, payload, deviceID)
 }
 
