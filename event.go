@@ -43,15 +43,17 @@ type Event struct {
 	Data        json.RawMessage `json:"data"`
 }
 
-// RentalResultData is the data of a rental.result event. Op is edged's
-// addition to the contract: which message (grant, extend, cancel) the result
-// answers.
+// RentalResultData is the data of a rental.result event. Op says which
+// message (grant, extend, cancel) the result answers; DurationS, edged's
+// addition, is an extend's duration_s, so the cloud can tell the results of
+// two extends of one rental apart.
 type RentalResultData struct {
-	RentalID string `json:"rental_id"`
-	DeviceID string `json:"device_id"`
-	Op       string `json:"op,omitempty"`
-	OK       bool   `json:"ok"`
-	Reason   Reason `json:"reason,omitempty"`
+	RentalID  string `json:"rental_id"`
+	DeviceID  string `json:"device_id"`
+	Op        string `json:"op,omitempty"`
+	DurationS int64  `json:"duration_s,omitempty"`
+	OK        bool   `json:"ok"`
+	Reason    Reason `json:"reason,omitempty"`
 	// Via is ViaDevice when the message answered was relayed by its device
 	// (§2, §3.3).
 	Via string `json:"via,omitempty"`

@@ -31,8 +31,10 @@ type GrantRelay interface {
 	// RelayRental decides a rental message that device deviceID published
 	// on devices/D/grants. Like CloudHandler.Rental, a refusal is not an
 	// error: it is a rental.result event and a rental_result command to the
-	// device. An error means nothing was stored: the link must not
-	// acknowledge the message as taken.
+	// device. While the store cannot write (§4) the device is answered at
+	// once (unavailable for a new grant) and nil is returned, the records
+	// waiting in memory. An error means nothing was decided: the link must
+	// not acknowledge the message as taken.
 	RelayRental(ctx context.Context, deviceID string, payload []byte) error
 }
 

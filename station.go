@@ -888,6 +888,12 @@ func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy str
 	}
 	refuse := func(reason Reason, rejectRental bool) error {
 		ch := s.answer(now, m, false, reason)
+		if reason == ReasonInvalid {
+			// A message naming another device than its rental's is refused
+			// as invalid and, like any invalid message, not recorded: the
+			// right one may follow under the same key.
+			ch.Results = nil
+		}
 		if rejectRental {
 			ch.Rentals = []Rental{{ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalRejected,
 				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, Via: s.deciding.via()}}
@@ -945,7 +951,11 @@ func (s *Station) answerRecord(now time.Time, rr ResultRecord) Change {
 }
 
 func (s *Station) resultEvent(now time.Time, rr ResultRecord) Event {
-	return s.event(now, EventRentalResult, RentalResultData{RentalID: rr.RentalID, DeviceID: rr.DeviceID, Op: rr.Op, OK: rr.OK, Reason: rr.Reason})
+	d := RentalResultData{RentalID: rr.RentalID, DeviceID: rr.DeviceID, Op: rr.Op, OK: rr.OK, Reason: rr.Reason}
+	if rr.Op == OpExtend {
+		d.DurationS = rr.DurationS
+	}
+	return s.event(now, EventRentalResult, d)
 }
 
 // resultLocked finds the result a rental message got. Errors: ENOTFOUND.

@@ -1192,3 +1192,31 @@ func TestRestartWithFullStore(t *testing.T) {
 		}
 	}
 }
+
+// A stop whose send fails (a serial write error, a link down) is retried
+// at the next resend, like a lost one.
+func TestStopSendFailureRetried(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r1", "chair-1", "alice", 10))
+	h.ack("chair-1", "start", true)
+	h.dev.mu.Lock()
+	h.dev.fail = map[string]error{"chair-1": &edged.Error{Code: edged.EUNAVAILABLE, Reason: edged.ReasonDeviceError, Message: "modbus write: timeout"}}
+	h.dev.mu.Unlock()
+	h.tick(10 * time.Second)
+	if len(h.st.ActiveRentals()) != 0 {
+		t.Fatal("the rental did not end")
+	}
+	h.dev.mu.Lock()
+	h.dev.fail = nil
+	h.dev.mu.Unlock()
+	h.tick(4 * time.Second)
+	if got := h.stopsTo("chair-1"); len(got) != 0 {
+		t.Fatalf("resent before start_timeout: %+v", got)
+	}
+	h.tick(time.Second)
+	got := h.stopsTo("chair-1")
+	if len(got) != 1 || got[0].RentalID != "r1" {
+		t.Fatalf("after start_timeout sent %+v, want the stop of r1 again", got)
+	}
+}

@@ -92,7 +92,10 @@ type Commander interface {
 
 // DeviceReporter is what device links (the local broker, the serial bus)
 // report to the station. Every method returns after what must be durable is
-// durable, so the link may acknowledge the device afterwards.
+// durable, so the link may acknowledge the device afterwards. While the
+// store cannot write (§4), DeviceEvent returns an EUNAVAILABLE error (do
+// not acknowledge); the others return nil once what they decided is
+// enforced, their records waiting in memory for the store.
 type DeviceReporter interface {
 	DeviceOnline(ctx context.Context, deviceID string, online bool) error
 	DeviceState(ctx context.Context, deviceID string, r StateReport) error
@@ -108,7 +111,10 @@ type CloudHandler interface {
 	// Rental applies a message of R/S/down/rentals. It returns nil once the
 	// message and its result are durable, so the uplink may acknowledge it;
 	// a refused message is not an error (its refusal is a rental.result
-	// event). An error means nothing was stored: do not acknowledge.
+	// event). An error means the message is not durable: do not
+	// acknowledge. (When the store cannot write, its answer waits in
+	// memory and is written once the store can; a redelivery is answered
+	// the same.)
 	Rental(ctx context.Context, payload []byte) error
 	// RenterCommand applies a message of R/S/down/commands, with the same
 	// acknowledgement rule as Rental.
