@@ -146,6 +146,11 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		b.warn("acl", "publish refused", "device", cl.ID, "topic", clip(strings.TrimPrefix(pk.TopicName, deniedPrefix)))
 		return pk, refusal(v5, qos, packets.ErrNotAuthorized)
 	}
+	if kind == topicGrants {
+		if code, ok := b.admitRelay(cl.ID); !ok {
+			return pk, refusal(v5, qos, code)
+		}
+	}
 	if d := b.devices[cl.ID]; d != nil && d.limit != nil {
 		if wait := d.limit.reserve(time.Now()); wait > 0 {
 			b.throttled.Add(1)
@@ -155,11 +160,6 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			case <-b.ctx.Done():
 				t.Stop()
 			}
-		}
-	}
-	if kind == topicGrants {
-		if code, ok := b.admitRelay(cl.ID); !ok {
-			return pk, refusal(v5, qos, code)
 		}
 	}
 	rep, err := parse(kind, pk.Payload)
