@@ -90,9 +90,14 @@ type Station struct {
 	// the latest queued record of each key, for lookups meanwhile.
 	unrecorded  []deferredChange
 	unrecordedN atomic.Int64
-	queued      queuedRecords
-	retryAt     time.Time
-	retryWait   time.Duration
+	// stopsDone are delivered stops whose records are deleted with the
+	// next commit (or by Tick within a second): losing one in a crash only
+	// resends a stop the device acknowledges again, and any new rental of
+	// the device commits it first, so it costs no fsync of its own.
+	stopsDone []StopRecord
+	queued    queuedRecords
+	retryAt   time.Time
+	retryWait time.Duration
 
 	// deciding is the rental message being decided, if any: see relay.go.
 	deciding decision
@@ -377,6 +382,9 @@ func (s *Station) Tick(ctx context.Context) time.Time {
 	if len(s.live) > 0 && now.Sub(s.lastCheckpoint) >= CheckpointInterval {
 		s.checkpointLocked(ctx, now)
 	}
+	if len(s.stopsDone) > 0 {
+		_ = s.commitLocked(ctx, now, Change{})
+	}
 	next := now.Add(time.Second)
 	for _, id := range s.order {
 		rec := s.devices[id]
@@ -500,12 +508,23 @@ func (s *Station) commitLocked(ctx context.Context, now time.Time, ch Change) er
 		s.log.Error("change refused by the store", "err", err)
 		return err
 	}
-	s.deferLocked(now, deferredChange{ch: ch}, err)
+	s.deferLocked(now, deferredChange{ch: s.withStopsDoneLocked(ch)}, err)
+	s.stopsDone = nil
 	for _, e := range ch.Events {
 		s.countLocked(e)
 	}
 	s.answerRelayedLocked(ctx, ch.Events)
 	return err
+}
+
+// withStopsDoneLocked returns ch with the delivered stops' deletions first,
+// so a stop begun in ch for the same device comes after them.
+func (s *Station) withStopsDoneLocked(ch Change) Change {
+	if len(s.stopsDone) == 0 {
+		return ch
+	}
+	ch.Stops = append(slices.Clone(s.stopsDone), ch.Stops...)
+	return ch
 }
 
 // tryCommitLocked commits ch durably, or fails and changes nothing. While
@@ -515,9 +534,10 @@ func (s *Station) tryCommitLocked(ctx context.Context, now time.Time, ch Change)
 	if !s.writableLocked(ctx, now, false) {
 		return errUnrecorded(len(s.unrecorded))
 	}
-	if _, err := s.store.Commit(ctx, ch); err != nil {
+	if _, err := s.store.Commit(ctx, s.withStopsDoneLocked(ch)); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
+	s.stopsDone = nil
 	for _, e := range ch.Events {
 		s.countLocked(e)
 	}
@@ -670,7 +690,7 @@ func (s *Station) stopDoneLocked(ctx context.Context, now time.Time, rec *device
 	// A report sent before the stop landed may still say in_use.
 	rec.graceUntil = later(rec.graceUntil, now.Add(s.startTimeout))
 	s.log.Info("stop delivered", "device", rec.dev.ID, "rental", st.rec.RentalID, "by", why)
-	_ = s.commitLocked(ctx, now, Change{Stops: []StopRecord{{DeviceID: rec.dev.ID, Done: true}}})
+	s.stopsDone = append(s.stopsDone, StopRecord{DeviceID: rec.dev.ID, Done: true})
 }
 
 func later(a, b time.Time) time.Time {
