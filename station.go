@@ -235,8 +235,11 @@ func (s *Station) ID() string { return s.id }
 // Open restores the station from its store: the last known device states
 // (all offline until they report), and every rental that was running,
 // resumed with the time it had left at its last checkpoint, less the
-// downtime when the wall clock lets it be measured (§4). A grant whose start
-// was never acknowledged before the restart ends as timeout.
+// downtime when the wall clock lets it be measured (§4), and every stop not
+// yet delivered. A grant whose start was never acknowledged before the
+// restart ends as timeout. Open fails only when the store cannot be read: a
+// store that cannot write (a full disk) keeps the resume's records in
+// memory until it can, and the station enforces its rentals meanwhile.
 func (s *Station) Open(ctx context.Context) error {
 	states, err := s.store.DeviceStates(ctx)
 	if err != nil {
@@ -1271,8 +1274,8 @@ func (s *Station) commandLocked(ctx context.Context, cmdID string) (CommandRecor
 }
 
 // DeviceOnline records a device connecting or going away. A device that
-// returns during its rental gets start again with the time left; one whose
-// rental ended while it was away gets its stop.
+// returns during its rental gets start again with the time left; one with a
+// stop outstanding gets it at once.
 func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
@@ -1410,7 +1413,9 @@ func (s *Station) DeviceLocation(ctx context.Context, deviceID string, l Locatio
 
 // DeviceEvent appends a device's event to the log, durably, as a
 // device.event. It does not take the station's lock, so events from many
-// devices are committed together.
+// devices are committed together. While records wait for the store it
+// fails with EUNAVAILABLE, so the device is not acknowledged and the event
+// does not overtake them.
 func (s *Station) DeviceEvent(ctx context.Context, deviceID string, event []byte) error {
 	if _, ok := s.devices[deviceID]; !ok { // devices is not modified after NewStation
 		return Errorf(ENOTFOUND, "unknown device %q", deviceID)

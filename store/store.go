@@ -296,13 +296,32 @@ func Open(path string, opts Options) (*DB, error) {
 	return db, nil
 }
 
-// init creates the buckets and loads the counters.
+// init creates the buckets and loads the counters. A store that has them
+// all is only read: nothing is written at open, so edged restarts on a full
+// disk (§4), and the SD card is spared a write per start.
 func (db *DB) init() error {
+	buckets := [][]byte{bucketMeta, bucketEvents, bucketOutbox, bucketRentals, bucketCommands, bucketDevices, bucketResults, bucketStops}
+	ready := true
+	err := db.bolt.View(func(tx *bolt.Tx) error {
+		for _, name := range buckets {
+			if tx.Bucket(name) == nil {
+				ready = false
+				return nil
+			}
+		}
+		ready = tx.Bucket(bucketMeta).Get(keyVersion) != nil
+		return nil
+	})
+	if err != nil {
+		return storeErr("open store", err)
+	}
 	var snap snapshot
-	err := db.bolt.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketMeta, bucketEvents, bucketOutbox, bucketRentals, bucketCommands, bucketDevices, bucketResults, bucketStops} {
-			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
-				return err
+	load := func(tx *bolt.Tx) error {
+		if tx.Writable() {
+			for _, name := range buckets {
+				if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+					return err
+				}
 			}
 		}
 		meta := tx.Bucket(bucketMeta)
@@ -319,7 +338,12 @@ func (db *DB) init() error {
 		}
 		snap = takeSnapshot(tx, st)
 		return nil
-	})
+	}
+	if ready {
+		err = db.bolt.View(load)
+	} else {
+		err = db.bolt.Update(load)
+	}
 	if err != nil {
 		return storeErr("open store", err)
 	}

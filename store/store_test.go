@@ -1044,3 +1044,32 @@ func TestSaveDeviceStateNowIsDurable(t *testing.T) {
 		t.Fatalf("SaveDeviceStateNow on a closed store: %v, want unavailable", err)
 	}
 }
+
+// Reopening a store that has every bucket writes nothing, so edged comes
+// up on a full disk; one from before the result and stop buckets gets them.
+func TestOpenWritesOnlyWhatIsMissing(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "edged.db")
+	db := openTest(t, path, Options{})
+	commit(t, db, edged.Change{Events: []edged.Event{rentalEvent("r1")}})
+	if err := db.bolt.Update(func(tx *bolt.Tx) error {
+		if err := tx.DeleteBucket(bucketResults); err != nil {
+			return err
+		}
+		return tx.DeleteBucket(bucketStops)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	db = openTest(t, path, Options{})
+	if _, err := db.Stops(context.Background()); err != nil {
+		t.Fatalf("stops after an upgrade: %v", err)
+	}
+	db.Close()
+	db = openTest(t, path, Options{})
+	if w := writes(db); w != 0 {
+		t.Fatalf("open wrote %d times", w)
+	}
+	if got := db.OutboxStats(t0).LastSeq; got != 1 {
+		t.Fatalf("last seq after reopen = %d, want 1", got)
+	}
+}
