@@ -157,3 +157,6 @@ func (s *Station) decidedLocked(err error) error {
 	s.deciding = decision{}
 	return err
 }
+
+// The local broker finds the relay by asserting its reporter, the Station.
+var _ GrantRelay = (*Station)(nil)
