@@ -98,6 +98,9 @@ type Station struct {
 	queued    queuedRecords
 	retryAt   time.Time
 	retryWait time.Duration
+
+	// deciding is the rental message being decided, if any: see relay.go.
+	deciding decision
 }
 
 // maxUnrecorded bounds the changes kept in memory while the store cannot
@@ -487,6 +490,7 @@ func (s *Station) checkpointLocked(ctx context.Context, now time.Time) {
 
 // event builds an event envelope; the store assigns its seq.
 func (s *Station) event(now time.Time, t EventType, data any) Event {
+	data = s.markRelayedLocked(t, data)
 	b, err := json.Marshal(data)
 	if err != nil {
 		panic(fmt.Sprintf("edged: marshal %s data: %v", t, err)) // our own types always marshal
@@ -515,6 +519,7 @@ func (s *Station) commitLocked(ctx context.Context, now time.Time, ch Change) er
 	for _, e := range ch.Events {
 		s.countLocked(e)
 	}
+	s.answerRelayedLocked(ctx, ch.Events)
 	return err
 }
 
@@ -542,6 +547,7 @@ func (s *Station) tryCommitLocked(ctx context.Context, now time.Time, ch Change)
 	for _, e := range ch.Events {
 		s.countLocked(e)
 	}
+	s.answerRelayedLocked(ctx, ch.Events)
 	return nil
 }
 
@@ -860,10 +866,19 @@ func (rec *deviceRecord) view() DeviceState {
 // the message's effect and its result are durable; a refusal is reported as
 // a rental.result event, not as an error.
 func (s *Station) Rental(ctx context.Context, payload []byte) error {
+	return s.applyRental(ctx, payload, "")
+}
+
+// applyRental decides a rental message from the cloud (relayedBy empty) or
+// relayed by device relayedBy (§2): one decision for both, the relay adding
+// only its two rules.
+func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy string) (err error) {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	m, perr := ParseRentalMessage(payload)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.deciding = decision{rentalID: truncate(m.RentalID), op: truncate(m.Op), relayedBy: relayedBy}
+	defer func() { err = s.decidedLocked(err) }()
 	now := s.clock.Now()
 	// Records waiting for the store go first, if it takes them now.
 	s.writableLocked(ctx, now, true)
@@ -877,6 +892,11 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 	}
 	if perr != nil {
 		return unrecorded(ReasonInvalid)
+	}
+	if relayedBy != "" {
+		if reason := s.relayRuleLocked(m, relayedBy); reason != "" {
+			return unrecorded(reason)
+		}
 	}
 	if s.verifyKey != nil {
 		if err := VerifyRental(s.verifyKey, s.id, m); err != nil {
@@ -902,7 +922,7 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 		}
 		if rejectRental {
 			ch.Rentals = []Rental{{ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalRejected,
-				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now}}
+				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, Via: s.deciding.via()}}
 		}
 		s.log.Info("rental message refused", "op", m.Op, "rental", m.RentalID, "device", m.DeviceID, "reason", reason)
 		return s.commitLocked(ctx, now, ch)
@@ -1031,7 +1051,7 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 	cmdID := newCmdID()
 	l := &liveRental{r: Rental{
 		ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalStarting,
-		Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, StartCmdID: cmdID,
+		Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, StartCmdID: cmdID, Via: s.deciding.via(),
 	}, deadline: now.Add(s.startTimeout)}
 	if err := s.tryCommitLocked(ctx, now, Change{Rentals: []Rental{l.r}}); err != nil {
 		return refuse(ReasonUnavailable, true)

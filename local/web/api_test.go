@@ -504,7 +504,7 @@ func TestMetrics(t *testing.T) {
 		f.uplink = web.UplinkStatus{State: "connecting", Reconnects: 4, Connects: 5,
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3}}
 		f.buses = []web.BusHealth{{Name: "bus0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 2}}
-		f.broker = web.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5, AuthFailures: 6, ACLDenials: 7, BadInput: 8}
+		f.broker = web.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5, AuthFailures: 6, ACLDenials: 7, BadInput: 8, RelayDropped: 9}
 	})
 	r := s.do(req{path: "/metrics"})
 	if r.code != http.StatusOK || !strings.HasPrefix(r.header.Get("Content-Type"), "text/plain") {
@@ -522,6 +522,7 @@ func TestMetrics(t *testing.T) {
 		`edged_local_auth_failures_total 6`,
 		`edged_local_acl_denials_total 7`,
 		`edged_local_bad_input_total 8`,
+		`edged_local_relay_dropped_total 9`,
 		`edged_http_auth_failures_total 0`,
 		`edged_outbox_events 12`,
 		`edged_outbox_bytes 3456`,

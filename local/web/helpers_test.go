@@ -145,8 +145,9 @@ type station struct {
 type stationOpt func(*stationOptions)
 
 type stationOptions struct {
-	users   []edged.HTTPUser
-	devices []edged.Device
+	users     []edged.HTTPUser
+	devices   []edged.Device
+	verifyKey []byte
 }
 
 func noUsers(o *stationOptions) { o.users = nil }
@@ -182,7 +183,7 @@ func newStation(t *testing.T, opts ...stationOpt) *station {
 	logger := slog.New(slog.NewTextHandler(s.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	clock := edged.SystemClock{AssumeSynced: true}
 	st, err := edged.NewStation(edged.StationOptions{ID: "mall-1", Devices: o.devices, Store: db,
-		Commander: s.dev, Clock: clock, Logger: logger.With("system", "rentals")})
+		Commander: s.dev, Clock: clock, VerifyKey: o.verifyKey, Logger: logger.With("system", "rentals")})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -44,6 +44,7 @@ var (
 	mACLDenials     = desc("local_acl_denials_total", "Device publishes and subscriptions refused by the ACL.")
 	mBadInput       = desc("local_bad_input_total", "Device payloads dropped as too large or malformed.")
 	mThrottled      = desc("local_throttled_total", "Device publishes held back by local.max_publish_rate.")
+	mRelayDropped   = desc("local_relay_dropped_total", "Relayed rental messages dropped: over 5 a minute per device, or no relay.")
 	mHTTPAuthFail   = desc("http_auth_failures_total", "HTTP requests refused for wrong credentials.")
 
 	mOutboxEvents  = desc("outbox_events", "Events queued for the cloud.")
@@ -91,7 +92,7 @@ func newStationCollector(s *Server) prometheus.Collector { return stationCollect
 func (c stationCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{mInfo, mUptime, mClockSynced,
 		mDevices, mDevicesOnline, mDevicesStatus, mDevicesMaint, mBrokerClients, mMessagesIn, mMessagesOut,
-		mBrokerAuthFail, mACLDenials, mBadInput, mThrottled, mHTTPAuthFail,
+		mBrokerAuthFail, mACLDenials, mBadInput, mThrottled, mRelayDropped, mHTTPAuthFail,
 		mOutboxEvents, mOutboxBytes, mOutboxOldest, mOutboxDropped, mEventsLastSeq,
 		mUplinkState, mUplinkReconnects, mUplinkConnects, mUplinkAcked,
 		mUplinkProfile, mUplinkMessages, mUplinkEvents, mUplinkBatches, mUplinkWaits, mUplinkRefused,
@@ -144,6 +145,7 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(mACLDenials, float64(b.ACLDenials))
 		counter(mBadInput, float64(b.BadInput))
 		counter(mThrottled, float64(b.Throttled))
+		counter(mRelayDropped, float64(b.RelayDropped))
 	}
 	counter(mHTTPAuthFail, float64(s.auth.Failures()))
 

@@ -82,4 +82,5 @@ type BrokerStats struct {
 	MessagesOut  uint64 // commands published to devices
 	Connected    int    // devices connected now
 	Throttled    uint64 // publishes held back by local.max_publish_rate
+	RelayDropped uint64 // relayed rental messages dropped: over the limit, or no relay
 }
