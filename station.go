@@ -75,8 +75,12 @@ type Station struct {
 	// watchdog: a stuck rental loop must stop the pings.
 	beat atomic.Int64
 
-	mu             sync.Mutex
-	stats          StationStats
+	mu    sync.Mutex
+	stats StationStats
+	// version counts device state changes station-wide: each state
+	// carries the version of its last change (ChangedSince).
+	version        uint64
+	changes        changeList
 	devices        map[string]*deviceRecord
 	order          []string
 	live           map[string]*liveRental // starting and active rentals by id
@@ -128,10 +132,14 @@ type queuedRecords struct {
 type deviceRecord struct {
 	dev   Device
 	state DeviceState
-	// snap is a copy of state taken at its last change, shared read-only
-	// with readers, so DeviceStates does not copy every map on every call.
-	snap   *DeviceState
-	rental *liveRental // starting or active
+	// snap is state as of its last change, shared read-only with readers
+	// and the store: state's maps and pointers are replaced, never
+	// modified, so snap shares them without a copy.
+	snap *DeviceState
+	// prev and next link the devices in the order of their last change,
+	// for ChangedSince.
+	prev, next *deviceRecord
+	rental     *liveRental // starting or active
 	// stop is the stop not yet delivered, nil when none is outstanding.
 	stop         *outstandingStop
 	graceUntil   time.Time // in_use tolerated until then after a rental ends
@@ -844,22 +852,30 @@ func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRen
 	s.log.Info("rental refused", "rental", r.ID, "device", r.DeviceID, "reason", reason, "detail", detail)
 }
 
+// touchLocked publishes the device's changed state: it takes the next
+// station-wide version, becomes the newest in the change list that
+// ChangedSince walks, and its immutable snapshot is shared by every reader
+// and by the store's buffered flush. The snapshot copies the struct only:
+// its telemetry map, location, last-seen and rental are replaced on
+// change, never modified, so one copy of each serves them all.
 func (s *Station) touchLocked(rec *deviceRecord, now time.Time) {
 	rec.state.UpdatedAt = now.UTC().Round(time.Millisecond)
-	rec.state.Version++
-	snap := rec.state.Clone()
+	s.version++
+	rec.state.Version = s.version
+	snap := rec.state
 	rec.snap = &snap
+	s.changes.moveToBack(rec)
 	s.store.SaveDeviceState(snap)
 	s.notifyChanged()
 }
 
 // view returns the device's state for readers: the shared snapshot of its
-// last change when there is one.
+// last change.
 func (rec *deviceRecord) view() DeviceState {
 	if rec.snap != nil {
 		return *rec.snap
 	}
-	return rec.state.Clone()
+	return rec.state
 }
 
 // Rental applies a message of R/S/down/rentals (§3.1). It returns nil once
@@ -1128,7 +1144,9 @@ func (s *Station) extendLocked(ctx context.Context, now time.Time, m RentalMessa
 	// not acknowledged, and its redelivery is answered the same.
 	err = s.commitLocked(ctx, now, ch)
 	rec := s.devices[r.DeviceID]
-	rec.state.Rental.EndsAt = l.r.EndsAt.UTC().Round(time.Millisecond)
+	dr := *rec.state.Rental // shared with readers: replaced, never modified
+	dr.EndsAt = l.r.EndsAt.UTC().Round(time.Millisecond)
+	rec.state.Rental = &dr
 	s.touchLocked(rec, now)
 	if remaining == 0 {
 		return cmp.Or(err, s.endLocked(ctx, now, l, ReasonExpired))
@@ -1325,9 +1343,11 @@ func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateRepor
 	if err != nil {
 		return err
 	}
-	if err := mergeTelemetry(rec.state.Telemetry, r.Extra); err != nil {
+	tel, err := mergeTelemetry(rec.state.Telemetry, r.Extra)
+	if err != nil {
 		return err
 	}
+	rec.state.Telemetry = tel
 	now := s.clock.Now()
 	seenLocked(rec, now)
 	prev := rec.state.Status
@@ -1378,17 +1398,26 @@ func seenLocked(rec *deviceRecord, now time.Time) {
 	rec.state.LastSeen = &t
 }
 
-// mergeTelemetry merges src into dst, or, when dst would then hold more
-// than MaxTelemetryKeys fields, changes nothing and returns EINVALID: a
-// report that breaks the state bounds is dropped whole (§2).
-func mergeTelemetry(dst, src map[string]any) error {
+// mergeTelemetry returns a new map holding dst merged with src, or, when
+// it would hold more than MaxTelemetryKeys fields, EINVALID: a report that
+// breaks the state bounds is dropped whole (§2). dst is shared with the
+// readers of the device's snapshot, so it is copied, never modified: the
+// telemetry is copied only when telemetry changes.
+func mergeTelemetry(dst, src map[string]any) (map[string]any, error) {
 	if err := CheckTelemetryMerge(dst, src); err != nil {
-		return err
+		return nil, err
+	}
+	if len(src) == 0 {
+		return dst, nil
+	}
+	out := make(map[string]any, len(dst)+len(src))
+	for k, v := range dst {
+		out[k] = v
 	}
 	for k, v := range src {
-		dst[k] = v
+		out[k] = v
 	}
-	return nil
+	return out, nil
 }
 
 // DeviceTelemetry merges telemetry into the device's latest state. A
@@ -1401,9 +1430,11 @@ func (s *Station) DeviceTelemetry(ctx context.Context, deviceID string, t map[st
 	if err != nil {
 		return err
 	}
-	if err := mergeTelemetry(rec.state.Telemetry, t); err != nil {
+	tel, err := mergeTelemetry(rec.state.Telemetry, t)
+	if err != nil {
 		return err
 	}
+	rec.state.Telemetry = tel
 	now := s.clock.Now()
 	seenLocked(rec, now)
 	s.touchLocked(rec, now)
@@ -1547,6 +1578,53 @@ func (s *Station) Device(id string) (DeviceState, error) {
 
 // StatesChanged is signalled after any device state changes.
 func (s *Station) StatesChanged() <-chan struct{} { return s.changed }
+
+// ChangedSince returns the states of the devices changed after version,
+// oldest change first, and the station's version now: pass it back next
+// time. It copies only what changed, so a reader woken by StatesChanged
+// pays for the devices that moved, not for every device.
+func (s *Station) ChangedSince(version uint64) ([]DeviceState, uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for r := s.changes.tail; r != nil && r.snap.Version > version; r = r.prev {
+		n++
+	}
+	out := make([]DeviceState, n)
+	i := n
+	for r := s.changes.tail; i > 0; r = r.prev {
+		i--
+		out[i] = *r.snap
+	}
+	return out, s.version
+}
+
+// changeList links devices in the order of their last change, newest at
+// the tail.
+type changeList struct{ head, tail *deviceRecord }
+
+func (l *changeList) moveToBack(r *deviceRecord) {
+	if l.tail == r {
+		return
+	}
+	if r.prev != nil || l.head == r { // linked: unlink
+		if r.prev != nil {
+			r.prev.next = r.next
+		} else {
+			l.head = r.next
+		}
+		if r.next != nil {
+			r.next.prev = r.prev
+		}
+	}
+	r.prev, r.next = l.tail, nil
+	if l.tail != nil {
+		l.tail.next = r
+	} else {
+		l.head = r
+	}
+	l.tail = r
+}
 
 // SetMaintenance puts a device in or out of maintenance: in maintenance it
 // takes no new rental; a running one continues. It returns once the change
