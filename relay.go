@@ -54,6 +54,9 @@ type decision struct {
 	rentalID, op string // as in the message's rental.result
 	relayedBy    string // the relaying device, empty for the cloud
 	answered     bool   // the relaying device was sent its rental_result
+	// answeredLater is set when a follow-up of the decision answered the
+	// relaying device: a grant the store could not write, refused then.
+	answeredLater *bool
 }
 
 // via is what a rental decided now records in Rental.Via.
@@ -135,26 +138,26 @@ func (s *Station) answerRelayedLocked(ctx context.Context, events []Event) {
 			to = s.deciding.relayedBy
 		}
 		args, _ := json.Marshal(RentalResultArgs{RentalID: d.RentalID, Op: d.Op, OK: d.OK, Reason: d.Reason, DeviceID: d.DeviceID})
-		_ = s.sendLocked(ctx, to, DeviceCommand{CmdID: newCmdID(), Action: ActionRentalResult, Args: args})
+		s.sendLocked(to, DeviceCommand{CmdID: newCmdID(), Action: ActionRentalResult, Args: args}, false, nil)
 		if to == s.deciding.relayedBy {
 			s.deciding.answered = true
 		}
 	}
 }
 
-// decidedLocked ends the decision of a rental message and returns what its
+// decided ends the decision of a rental message and returns what its
 // caller gets. A relayed message whose decision the store could not write
 // yet (it waits in memory, §4) was answered unavailable, or with its
 // result, at once: the device has its answer, so the relay is taken rather
 // than refused, which would make an MQTT 3.1.1 device reconnect and resend
 // it in a loop while the disk is full.
-func (s *Station) decidedLocked(err error) error {
-	if err != nil && s.deciding.answered && ErrorCode(err) == EUNAVAILABLE {
-		s.log.Warn("relayed rental answered, its record waits for the store", "device", s.deciding.relayedBy,
-			"rental", s.deciding.rentalID, "op", s.deciding.op, "err", err)
+func (s *Station) decided(d decision, err error) error {
+	answered := d.answered || d.answeredLater != nil && *d.answeredLater
+	if err != nil && answered && ErrorCode(err) == EUNAVAILABLE {
+		s.log.Warn("relayed rental answered, its record waits for the store", "device", d.relayedBy,
+			"rental", d.rentalID, "op", d.op, "err", err)
 		err = nil
 	}
-	s.deciding = decision{}
 	return err
 }
 

@@ -99,9 +99,20 @@ type Station struct {
 	// resends a stop the device acknowledges again, and any new rental of
 	// the device commits it first, so it costs no fsync of its own.
 	stopsDone []StopRecord
-	queued    queuedRecords
+	queued    overlay
 	retryAt   time.Time
 	retryWait time.Duration
+	retrying  bool // the committer is writing the unrecorded changes
+
+	// The pipeline (committer.go): cur is the decision being made; queue
+	// the decisions waiting for the committer, in decision order;
+	// committing is set while a committer runs; seq numbers decisions'
+	// changes.
+	cur        *ticket
+	queue      []*ticket
+	committing bool
+	seq        uint64
+	cstats     committerStats
 
 	// deciding is the rental message being decided, if any: see relay.go.
 	deciding decision
@@ -117,16 +128,11 @@ const maxUnrecorded = 100000
 const maxRetryWait = 5 * time.Second
 
 type deferredChange struct {
-	ch Change
+	ch  Change
+	seq uint64 // the decision's, 0 for delivered stops
 	// checkpoint: only rental checkpoints, replaced by a newer checkpoint
 	// queued right behind it.
 	checkpoint bool
-}
-
-type queuedRecords struct {
-	rentals  map[string]Rental
-	commands map[string]CommandRecord
-	results  map[string]ResultRecord
 }
 
 type deviceRecord struct {
@@ -261,8 +267,9 @@ func (s *Station) Open(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("load stops: %w", err)
 	}
+	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	t := s.beginLocked()
 	for _, st := range states {
 		rec, ok := s.devices[st.DeviceID]
 		if !ok {
@@ -331,14 +338,16 @@ func (s *Station) Open(ctx context.Context) error {
 		s.log.Info("rental resumed", "rental", r.ID, "device", r.DeviceID, "remaining", r.Remaining(used).Round(time.Second))
 	}
 	s.lastCheckpoint = now
-	if !ch.Empty() {
-		// A full disk must not keep edged down: the rentals are enforced
-		// now and the record waits for the store.
-		if err := s.commitLocked(ctx, now, ch); err != nil {
-			s.log.Error("resume rentals: the record waits for the store", "err", err)
-		}
-	}
+	s.commitLocked(ctx, now, ch)
+	resumed := !ch.Empty()
 	s.expireLocked(ctx, now)
+	q := s.endLocked(t)
+	s.mu.Unlock()
+	// A full disk must not keep edged down: the rentals are enforced now
+	// and the record waits for the store.
+	if err := s.finish(q); err != nil && resumed {
+		s.log.Error("resume rentals: the record waits for the store", "err", err)
+	}
 	return nil
 }
 
@@ -389,16 +398,25 @@ func (s *Station) LastTick() time.Time {
 func (s *Station) Tick(ctx context.Context) time.Time {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	t := s.beginLocked()
 	now := s.clock.Now()
-	s.retryLocked(ctx, now)
+	// Waiting records are retried by the committer when due; delivered
+	// stops' records are deleted with this pass's commit.
+	t.nudge = len(s.unrecorded) > 0 || len(s.stopsDone) > 0
 	s.expireLocked(ctx, now)
 	if len(s.live) > 0 && now.Sub(s.lastCheckpoint) >= CheckpointInterval {
 		s.checkpointLocked(ctx, now)
 	}
-	if len(s.stopsDone) > 0 {
-		_ = s.commitLocked(ctx, now, Change{})
-	}
+	next := s.nextLocked(ctx, now)
+	q := s.endLocked(t)
+	s.mu.Unlock()
+	_ = s.finish(q) // enforced either way; the records wait for the store
+	return next
+}
+
+// nextLocked resends the stops that are due and returns when the rental
+// rules next need to run.
+func (s *Station) nextLocked(ctx context.Context, now time.Time) time.Time {
 	next := now.Add(time.Second)
 	for _, id := range s.order {
 		rec := s.devices[id]
@@ -459,7 +477,7 @@ func (s *Station) expireLocked(ctx context.Context, now time.Time) {
 		case l.r.State == RentalStarting && !now.Before(l.deadline):
 			s.failStartLocked(ctx, now, l, ReasonTimeout, "")
 		case l.r.State == RentalActive && l.r.Remaining(l.used(now)) == 0:
-			s.endLocked(ctx, now, l, ReasonExpired)
+			s.endRentalLocked(ctx, now, l, ReasonExpired)
 		}
 	}
 	for id, p := range s.pending {
@@ -487,13 +505,11 @@ func (s *Station) checkpointLocked(ctx context.Context, now time.Time) {
 		return
 	}
 	s.lastCheckpoint = now
-	if n := len(s.unrecorded); n > 0 && s.unrecorded[n-1].checkpoint {
-		s.unrecorded[n-1].ch = ch // nothing queued since: the newer one supersedes it
+	if n := len(s.unrecorded); n > 0 && s.unrecorded[n-1].checkpoint && !s.committing {
+		s.unrecorded[n-1].ch = ch // nothing decided since: the newer one supersedes it
 		return
 	}
-	if err := s.tryCommitLocked(ctx, now, ch); err != nil {
-		s.deferLocked(now, deferredChange{ch: ch, checkpoint: true}, err)
-	}
+	s.recordLocked(ch, false, true, nil)
 }
 
 // event builds an event envelope; the store assigns its seq.
@@ -506,70 +522,40 @@ func (s *Station) event(now time.Time, t EventType, data any) Event {
 	return Event{Station: s.id, Type: t, TS: now.UTC().Round(time.Millisecond), ClockSynced: s.clock.Synced(), Data: b}
 }
 
-// commitLocked records a decision: durably now, or, when the store cannot
-// write (or earlier decisions still wait for it), queued behind them in
-// memory and written by Tick once it can. It returns nil only when ch is
-// durable; the decision stands either way, so callers carry it out and
-// pass the error on to whoever must not be acknowledged.
-func (s *Station) commitLocked(ctx context.Context, now time.Time, ch Change) error {
-	err := s.tryCommitLocked(ctx, now, ch)
-	if err == nil {
-		return nil
-	}
-	if ErrorCode(err) == EINVALID {
-		// Never expected (ids are checked before): a change the store
-		// refuses as invalid would block the queue for ever.
-		s.log.Error("change refused by the store", "err", err)
-		return err
-	}
-	s.deferLocked(now, deferredChange{ch: s.withStopsDoneLocked(ch)}, err)
-	s.stopsDone = nil
-	for _, e := range ch.Events {
-		s.countLocked(e)
-	}
+// commitLocked records a decision's change: the committer makes it
+// durable before its effects and the decision's caller is acknowledged,
+// or, when the store cannot write, keeps it in memory, in order, until it
+// can. The decision stands either way: it is enforced.
+func (s *Station) commitLocked(ctx context.Context, now time.Time, ch Change) {
+	s.recordLocked(ch, false, false, nil)
 	s.answerRelayedLocked(ctx, ch.Events)
-	return err
 }
 
-// withStopsDoneLocked returns ch with the delivered stops' deletions first,
-// so a stop begun in ch for the same device comes after them.
-func (s *Station) withStopsDoneLocked(ch Change) Change {
-	if len(s.stopsDone) == 0 {
-		return ch
-	}
-	ch.Stops = append(slices.Clone(s.stopsDone), ch.Stops...)
-	return ch
+// writableLocked reports whether no change waits for the store.
+func (s *Station) writableLocked() bool { return len(s.unrecorded) == 0 }
+
+// retryNow has the committer try to write the changes waiting for the
+// store now, and waits for it: a cloud message is refused while they
+// wait, so it first gives a recovered store its chance.
+func (s *Station) retryNow() {
+	s.mu.Lock()
+	t := s.beginLocked()
+	t.force = true
+	q := s.endLocked(t)
+	s.mu.Unlock()
+	_ = s.finish(q)
 }
 
-// tryCommitLocked commits ch durably, or fails and changes nothing. While
-// changes wait for the store, it first tries to write them (when their
-// retry is due) and fails if they still wait, so ch never overtakes them.
-func (s *Station) tryCommitLocked(ctx context.Context, now time.Time, ch Change) error {
-	if !s.writableLocked(ctx, now, false) {
-		return errUnrecorded(len(s.unrecorded))
-	}
-	if _, err := s.store.Commit(ctx, s.withStopsDoneLocked(ch)); err != nil {
-		return fmt.Errorf("commit: %w", err)
-	}
-	s.stopsDone = nil
-	for _, e := range ch.Events {
-		s.countLocked(e)
-	}
-	s.answerRelayedLocked(ctx, ch.Events)
-	return nil
-}
-
-// writableLocked reports whether no change waits for the store, trying to
-// write the waiting ones first when their retry is due or now is set.
-func (s *Station) writableLocked(ctx context.Context, now time.Time, force bool) bool {
-	if len(s.unrecorded) == 0 {
-		return true
-	}
-	if force {
-		s.retryAt = now
-	}
-	s.retryLocked(ctx, now)
-	return len(s.unrecorded) == 0
+// decide makes one decision under the lock and waits until the committer
+// has made it durable (or kept it for the store) and carried out its
+// effects. It returns the decision's own error and the commit's outcome.
+func (s *Station) decide(f func() error) (err, commitErr error) {
+	s.mu.Lock()
+	t := s.beginLocked()
+	err = f()
+	q := s.endLocked(t)
+	s.mu.Unlock()
+	return err, s.finish(q)
 }
 
 func errUnrecorded(n int) error {
@@ -597,6 +583,10 @@ type StationStats struct {
 	// UnrecordedDropped counts presence events dropped because too many
 	// records already waited for a store that could not write.
 	UnrecordedDropped uint64
+	// Commits counts the committer's store commits, one fsync each, and
+	// CommitChanges the decisions' changes they carried: their ratio is
+	// how many decisions share an fsync.
+	Commits, CommitChanges uint64
 }
 
 func (s *Station) countLocked(e Event) {
@@ -634,6 +624,7 @@ func (s *Station) Stats() StationStats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	c := StationStats{Started: s.stats.Started, UnrentedUse: s.stats.UnrentedUse, UnrecordedDropped: s.stats.UnrecordedDropped,
+		Commits: s.cstats.commits.Load(), CommitChanges: s.cstats.changes.Load(),
 		Results: map[string]uint64{}, Ended: map[Reason]uint64{}, Commands: map[string]uint64{}}
 	for k, v := range s.stats.Results {
 		c.Results[k] = v
@@ -647,17 +638,24 @@ func (s *Station) Stats() StationStats {
 	return c
 }
 
-// send delivers a command, logging failures: the caller decides what a
-// failure means for the rental.
-func (s *Station) sendLocked(ctx context.Context, deviceID string, c DeviceCommand) error {
-	if s.cmd == nil {
-		return &Error{Code: EUNAVAILABLE, Reason: ReasonDeviceOffline, Message: "no device link"}
-	}
-	err := s.cmd.Send(ctx, deviceID, c)
-	if err != nil {
-		s.log.Warn("send command", "device", deviceID, "action", c.Action, "err", err)
-	}
-	return err
+// sendLocked has the committer deliver a command once the decision's
+// changes are committed (only when durable, with durableOnly), logging
+// failures. onErr, when set, decides what a failure means for the rental,
+// as a decision of its own.
+func (s *Station) sendLocked(deviceID string, c DeviceCommand, durableOnly bool, onErr func(error)) {
+	cmd := s.cmd
+	s.actLocked(durableOnly, func(ctx context.Context) func() {
+		var err error
+		if cmd == nil {
+			err = &Error{Code: EUNAVAILABLE, Reason: ReasonDeviceOffline, Message: "no device link"}
+		} else if err = cmd.Send(ctx, deviceID, c); err != nil {
+			s.log.Warn("send command", "device", deviceID, "action", c.Action, "err", err)
+		}
+		if err == nil || onErr == nil {
+			return nil
+		}
+		return func() { onErr(err) }
+	})
 }
 
 func newCmdID() string {
@@ -693,7 +691,7 @@ func (s *Station) sendStopLocked(ctx context.Context, now time.Time, rec *device
 	}
 	st.due = now.Add(st.wait)
 	st.wait = min(2*st.wait, max(maxStopWait, s.startTimeout))
-	_ = s.sendLocked(ctx, rec.dev.ID, DeviceCommand{CmdID: id, Action: ActionStop, RentalID: st.rec.RentalID})
+	s.sendLocked(rec.dev.ID, DeviceCommand{CmdID: id, Action: ActionStop, RentalID: st.rec.RentalID}, false, nil)
 }
 
 // stopDoneLocked forgets the device's outstanding stop: the device acked
@@ -719,9 +717,8 @@ func later(a, b time.Time) time.Time {
 func (s *Station) resyncLocked(ctx context.Context, now time.Time, l *liveRental) {
 	id := newCmdID()
 	c := startCommand(id, l.r, l.r.Remaining(l.used(now)), &l.r.EndsAt)
-	if s.sendLocked(ctx, l.r.DeviceID, c) == nil {
-		s.pending[id] = &pendingCommand{kind: kindResync, cmdID: id, deviceID: l.r.DeviceID, rentalID: l.r.ID, deadline: now.Add(s.startTimeout)}
-	}
+	s.pending[id] = &pendingCommand{kind: kindResync, cmdID: id, deviceID: l.r.DeviceID, rentalID: l.r.ID, deadline: now.Add(s.startTimeout)}
+	s.sendLocked(l.r.DeviceID, c, false, func(error) { delete(s.pending, id) })
 }
 
 // startCommand is the start sent for a rental, carrying its remaining time.
@@ -733,9 +730,9 @@ func startCommand(cmdID string, r Rental, remaining time.Duration, endsAt *time.
 	return DeviceCommand{CmdID: cmdID, Action: ActionStart, RentalID: r.ID, RenterID: r.RenterID, DurationS: d, EndsAt: endsAt}
 }
 
-// endLocked ends a started or starting rental for reason, durably, and
+// endRentalLocked ends a started or starting rental for reason, durably, and
 // stops its device.
-func (s *Station) endLocked(ctx context.Context, now time.Time, l *liveRental, reason Reason) error {
+func (s *Station) endRentalLocked(ctx context.Context, now time.Time, l *liveRental, reason Reason) error {
 	r := l.r
 	used := l.used(now)
 	if used > r.Duration {
@@ -750,12 +747,12 @@ func (s *Station) endLocked(ctx context.Context, now time.Time, l *liveRental, r
 	})}, Stops: []StopRecord{s.beginStopLocked(now, rec, r.ID)}}
 	// The device is stopped even when the store refuses the record: the
 	// end is enforced now and recorded as soon as the store takes it.
-	err := s.commitLocked(ctx, now, ch)
+	s.commitLocked(ctx, now, ch)
 	s.dropLiveLocked(l)
 	s.sendStopLocked(ctx, now, rec)
 	s.touchLocked(rec, now)
 	s.log.Info("rental ended", "rental", r.ID, "device", r.DeviceID, "reason", reason, "used_s", seconds(used))
-	return err
+	return nil
 }
 
 // deferLocked keeps a change the store refused, in order, for Tick to
@@ -768,19 +765,9 @@ func (s *Station) deferLocked(now time.Time, d deferredChange, cause error) {
 	}
 	if len(s.unrecorded) == 0 {
 		s.log.Error("store cannot write: decisions are enforced and kept in memory until it can", "err", cause)
-		s.queued = queuedRecords{rentals: map[string]Rental{}, commands: map[string]CommandRecord{}, results: map[string]ResultRecord{}}
 	}
 	s.unrecorded = append(s.unrecorded, d)
 	s.unrecordedN.Store(int64(len(s.unrecorded)))
-	for _, r := range d.ch.Rentals {
-		s.queued.rentals[r.ID] = r
-	}
-	for _, r := range d.ch.Commands {
-		s.queued.commands[r.CmdID] = r
-	}
-	for _, r := range d.ch.Results {
-		s.queued.results[r.Key()] = r
-	}
 	if s.retryWait == 0 {
 		s.retryWait = time.Second
 		s.retryAt = now.Add(s.retryWait)
@@ -799,32 +786,6 @@ func droppableOnly(ch Change) bool {
 	return true
 }
 
-// retryLocked commits the deferred changes, in order, once due.
-func (s *Station) retryLocked(ctx context.Context, now time.Time) {
-	if len(s.unrecorded) == 0 || now.Before(s.retryAt) {
-		return
-	}
-	for len(s.unrecorded) > 0 {
-		_, err := s.store.Commit(ctx, s.unrecorded[0].ch)
-		if err != nil && ErrorCode(err) != EINVALID {
-			s.retryWait = min(2*s.retryWait, maxRetryWait)
-			s.retryAt = now.Add(s.retryWait)
-			s.log.Warn("store still cannot write", "waiting", len(s.unrecorded), "retry_in", s.retryWait, "err", err)
-			return
-		}
-		if err != nil {
-			s.log.Error("waiting change refused by the store: dropped", "err", err)
-		}
-		s.unrecorded[0] = deferredChange{}
-		s.unrecorded = s.unrecorded[1:]
-		s.unrecordedN.Store(int64(len(s.unrecorded)))
-	}
-	s.unrecorded = nil
-	s.queued = queuedRecords{}
-	s.retryWait = 0
-	s.log.Info("store writes again: every waiting record written")
-}
-
 func (s *Station) dropLiveLocked(l *liveRental) {
 	delete(s.live, l.r.ID)
 	if l.r.StartCmdID != "" {
@@ -839,13 +800,16 @@ func (s *Station) dropLiveLocked(l *liveRental) {
 // failStartLocked resolves a grant whose start failed: no ack in time, a
 // refusal by the device, or a device that faulted first.
 func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRental, reason Reason, detail string) {
+	if s.live[l.r.ID] != l || l.r.State != RentalStarting {
+		return // decided meanwhile: cancelled, or refused already
+	}
 	r := l.r
 	r.State, r.Reason, r.StartCmdID = RentalRejected, reason, ""
 	rec := s.devices[r.DeviceID]
 	ch := s.grantAnswer(now, r, false, reason)
 	ch.Rentals = []Rental{r}
 	ch.Stops = []StopRecord{s.beginStopLocked(now, rec, r.ID)}
-	_ = s.commitLocked(ctx, now, ch) // enforced either way; recorded once the store can
+	s.commitLocked(ctx, now, ch) // enforced either way; recorded once the store can
 	s.dropLiveLocked(l)
 	s.sendStopLocked(ctx, now, rec)
 	s.touchLocked(rec, now)
@@ -888,23 +852,33 @@ func (s *Station) Rental(ctx context.Context, payload []byte) error {
 // applyRental decides a rental message from the cloud (relayedBy empty) or
 // relayed by device relayedBy (§2): one decision for both, the relay adding
 // only its two rules.
-func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy string) (err error) {
+func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy string) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	m, perr := ParseRentalMessage(payload)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.deciding = decision{rentalID: truncate(m.RentalID), op: truncate(m.Op), relayedBy: relayedBy}
-	defer func() { err = s.decidedLocked(err) }()
+	if s.unrecordedN.Load() > 0 {
+		s.retryNow() // records waiting for the store go first, if it takes them now
+	}
+	var d decision
+	err, commitErr := s.decide(func() error {
+		s.deciding = decision{rentalID: truncate(m.RentalID), op: truncate(m.Op), relayedBy: relayedBy, answeredLater: new(bool)}
+		err := s.rentalMessageLocked(ctx, m, perr, relayedBy)
+		d, s.deciding = s.deciding, decision{}
+		return err
+	})
+	return s.decided(d, cmp.Or(err, commitErr))
+}
+
+// rentalMessageLocked decides a rental message.
+func (s *Station) rentalMessageLocked(ctx context.Context, m RentalMessage, perr error, relayedBy string) error {
 	now := s.clock.Now()
-	// Records waiting for the store go first, if it takes them now.
-	s.writableLocked(ctx, now, true)
 	unrecorded := func(reason Reason) error {
 		// Neither the message nor its refusal is recorded: a forged or
 		// garbled message cannot occupy a rental id.
 		s.log.Info("rental message refused", "op", truncate(m.Op), "rental", truncate(m.RentalID), "device", truncate(m.DeviceID), "reason", reason)
-		return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+		s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 			RentalID: truncate(m.RentalID), DeviceID: truncate(m.DeviceID), Op: truncate(m.Op), OK: false, Reason: reason,
 		})}})
+		return nil
 	}
 	if perr != nil {
 		return unrecorded(ReasonInvalid)
@@ -924,7 +898,8 @@ func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy str
 	prev, err := s.resultLocked(ctx, ResultKey(m.RentalID, m.Op, m.DurationS))
 	switch {
 	case err == nil:
-		return s.commitLocked(ctx, now, Change{Events: []Event{s.resultEvent(now, prev)}})
+		s.commitLocked(ctx, now, Change{Events: []Event{s.resultEvent(now, prev)}})
+		return nil
 	case ErrorCode(err) != ENOTFOUND:
 		return fmt.Errorf("%s: %w", m.Op, err)
 	}
@@ -941,7 +916,8 @@ func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy str
 				Reason: reason, Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, Via: s.deciding.via()}}
 		}
 		s.log.Info("rental message refused", "op", m.Op, "rental", m.RentalID, "device", m.DeviceID, "reason", reason)
-		return s.commitLocked(ctx, now, ch)
+		s.commitLocked(ctx, now, ch)
+		return nil
 	}
 	if m.NotAfter != "" && s.clock.Synced() {
 		na, _ := time.Parse(time.RFC3339Nano, m.NotAfter)
@@ -1004,7 +980,7 @@ func (s *Station) resultEvent(now time.Time, rr ResultRecord) Event {
 // Errors: ENOTFOUND.
 func (s *Station) resultLocked(ctx context.Context, key string) (ResultRecord, error) {
 	if r, ok := s.queued.results[key]; ok {
-		return r, nil
+		return r.v, nil
 	}
 	return s.store.Result(ctx, key)
 }
@@ -1013,7 +989,7 @@ func (s *Station) resultLocked(ctx context.Context, key string) (ResultRecord, e
 // included. Errors: ENOTFOUND.
 func (s *Station) rentalLocked(ctx context.Context, id string) (Rental, error) {
 	if r, ok := s.queued.rentals[id]; ok {
-		return r, nil
+		return r.v, nil
 	}
 	return s.store.Rental(ctx, id)
 }
@@ -1037,18 +1013,20 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 		case RentalStarting:
 			return nil // its result comes with the device's ack
 		case RentalRejected:
-			return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+			s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 				RentalID: prev.ID, DeviceID: prev.DeviceID, Op: OpGrant, OK: false, Reason: prev.Reason})}})
+			return nil
 		default:
-			return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
+			s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 				RentalID: prev.ID, DeviceID: prev.DeviceID, Op: OpGrant, OK: true})}})
+			return nil
 		}
 	case ErrorCode(err) != ENOTFOUND:
 		return fmt.Errorf("grant: %w", err)
 	}
 	rec, ok := s.devices[m.DeviceID]
 	switch {
-	case !s.writableLocked(ctx, now, false):
+	case !s.writableLocked():
 		// The grant and its refusal wait in memory; the message is not
 		// acknowledged until they are durable.
 		return refuse(ReasonUnavailable, true)
@@ -1069,20 +1047,30 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 		ID: m.RentalID, DeviceID: m.DeviceID, RenterID: m.RenterID, State: RentalStarting,
 		Duration: time.Duration(m.DurationS) * time.Second, GrantedAt: now, StartCmdID: cmdID, Via: s.deciding.via(),
 	}, deadline: now.Add(s.startTimeout)}
-	if err := s.tryCommitLocked(ctx, now, Change{Rentals: []Rental{l.r}}); err != nil {
-		return refuse(ReasonUnavailable, true)
-	}
 	s.live[l.r.ID] = l
 	rec.rental = l
 	s.pending[cmdID] = &pendingCommand{kind: kindStart, cmdID: cmdID, deviceID: m.DeviceID, rentalID: m.RentalID, deadline: l.deadline}
 	s.log.Info("rental granted", "rental", m.RentalID, "device", m.DeviceID, "duration_s", m.DurationS)
-	if err := s.sendLocked(ctx, m.DeviceID, startCommand(cmdID, l.r, l.r.Duration, nil)); err != nil {
+	deciding := s.deciding
+	// The start goes only once the grant is durable. When the store
+	// cannot write it, the grant is refused unavailable instead.
+	s.recordLocked(Change{Rentals: []Rental{l.r}}, true, false, func() {
+		if s.live[l.r.ID] != l || l.r.State != RentalStarting {
+			return // decided meanwhile
+		}
+		s.dropLiveLocked(l)
+		s.deciding = deciding
+		_ = refuse(ReasonUnavailable, true)
+		*deciding.answeredLater = s.deciding.answered // read once finish returns
+		s.deciding = decision{}
+	})
+	s.sendLocked(m.DeviceID, startCommand(cmdID, l.r, l.r.Duration, nil), true, func(err error) {
 		reason := ErrorReason(err)
 		if reason == "" {
 			reason = ReasonDeviceError
 		}
-		s.failStartLocked(ctx, now, l, reason, err.Error())
-	}
+		s.failStartLocked(ctx, s.clock.Now(), l, reason, err.Error())
+	})
 	s.poke()
 	return nil
 }
@@ -1121,13 +1109,15 @@ func (s *Station) extendLocked(ctx context.Context, now time.Time, m RentalMessa
 	}
 	dur := time.Duration(m.DurationS) * time.Second
 	if l.r.Duration == dur {
-		return s.commitLocked(ctx, now, s.answer(now, m, true, ""))
+		s.commitLocked(ctx, now, s.answer(now, m, true, ""))
+		return nil
 	}
 	if l.r.State == RentalStarting {
 		l.r.Duration = dur
 		ch := s.answer(now, m, true, "")
 		ch.Rentals = []Rental{l.r}
-		return s.commitLocked(ctx, now, ch)
+		s.commitLocked(ctx, now, ch)
+		return nil
 	}
 	l.r.Duration = dur
 	used := l.used(now)
@@ -1142,14 +1132,14 @@ func (s *Station) extendLocked(ctx context.Context, now time.Time, m RentalMessa
 	}))
 	// Carried out even when the store cannot write: the message is then
 	// not acknowledged, and its redelivery is answered the same.
-	err = s.commitLocked(ctx, now, ch)
+	s.commitLocked(ctx, now, ch)
 	rec := s.devices[r.DeviceID]
 	dr := *rec.state.Rental // shared with readers: replaced, never modified
 	dr.EndsAt = l.r.EndsAt.UTC().Round(time.Millisecond)
 	rec.state.Rental = &dr
 	s.touchLocked(rec, now)
 	if remaining == 0 {
-		return cmp.Or(err, s.endLocked(ctx, now, l, ReasonExpired))
+		return cmp.Or(err, s.endRentalLocked(ctx, now, l, ReasonExpired))
 	}
 	// The device runs its own timer from start's duration_s: tell it.
 	if rec.state.Online {
@@ -1170,11 +1160,11 @@ func (s *Station) cancelLocked(ctx context.Context, now time.Time, m RentalMessa
 	if l != nil && l.r.State == RentalStarting {
 		return s.cancelStartLocked(ctx, now, l, m)
 	}
-	err = s.commitLocked(ctx, now, s.answer(now, m, true, ""))
+	s.commitLocked(ctx, now, s.answer(now, m, true, ""))
 	if l == nil {
 		return err // already ended: nothing changes
 	}
-	return cmp.Or(err, s.endLocked(ctx, now, l, ReasonCancelled))
+	return cmp.Or(err, s.endRentalLocked(ctx, now, l, ReasonCancelled))
 }
 
 // cancelStartLocked cancels a grant whose start the device has not
@@ -1188,7 +1178,8 @@ func (s *Station) cancelStartLocked(ctx context.Context, now time.Time, l *liveR
 	ch := merge(s.grantAnswer(now, r, false, ReasonCancelled), s.answer(now, m, true, ""))
 	ch.Rentals = []Rental{r}
 	ch.Stops = []StopRecord{s.beginStopLocked(now, rec, r.ID)}
-	err := s.commitLocked(ctx, now, ch)
+	s.commitLocked(ctx, now, ch)
+	var err error
 	s.dropLiveLocked(l)
 	s.sendStopLocked(ctx, now, rec)
 	s.touchLocked(rec, now)
@@ -1203,10 +1194,16 @@ func (s *Station) cancelStartLocked(ctx context.Context, now time.Time, l *liveR
 func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	c, perr := ParseRenterCommand(payload)
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	if s.unrecordedN.Load() > 0 {
+		s.retryNow() // records waiting for the store go first, if it takes them now
+	}
+	err, commitErr := s.decide(func() error { return s.renterCommandLocked(ctx, c, perr) })
+	return cmp.Or(err, commitErr)
+}
+
+// renterCommandLocked decides a renter command.
+func (s *Station) renterCommandLocked(ctx context.Context, c RenterCommand, perr error) error {
 	now := s.clock.Now()
-	s.writableLocked(ctx, now, true) // records waiting for the store go first
 	p := &pendingCommand{kind: kindRenter, cmdID: c.CmdID, deviceID: c.DeviceID, record: CommandRecord{
 		CmdID: c.CmdID, DeviceID: c.DeviceID, RenterID: c.RenterID, Action: c.Action, At: now,
 	}}
@@ -1217,8 +1214,9 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 	prev, err := s.commandLocked(ctx, c.CmdID)
 	switch {
 	case err == nil && prev.Done:
-		return s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventCommandResult, CommandResultData{
+		s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventCommandResult, CommandResultData{
 			CmdID: prev.CmdID, DeviceID: prev.DeviceID, OK: prev.OK, Reason: prev.Reason, Error: prev.Error})}})
+		return nil
 	case err == nil:
 		if _, inFlight := s.pending[c.CmdID]; inFlight {
 			return nil // its result comes with the device's ack
@@ -1228,7 +1226,7 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 	case ErrorCode(err) != ENOTFOUND:
 		return fmt.Errorf("renter command: %w", err)
 	}
-	if !s.writableLocked(ctx, now, false) {
+	if !s.writableLocked() {
 		// Its refusal waits in memory too; the message is not
 		// acknowledged until that is durable.
 		return s.finishRenterLocked(ctx, now, p, false, ReasonUnavailable, "")
@@ -1248,27 +1246,32 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 	switch c.Action {
 	case ActionEnd:
 		err := s.finishRenterLocked(ctx, now, p, true, "", "")
-		return cmp.Or(err, s.endLocked(ctx, now, l, ReasonRenterEnded))
+		return cmp.Or(err, s.endRentalLocked(ctx, now, l, ReasonRenterEnded))
 	case ActionStart, ActionStop:
 		return s.finishRenterLocked(ctx, now, p, false, ReasonUnsupported, "start and stop are the gateway's own")
 	}
 	if !rec.state.Online {
 		return s.finishRenterLocked(ctx, now, p, false, ReasonDeviceOffline, "")
 	}
-	if err := s.tryCommitLocked(ctx, now, Change{Commands: []CommandRecord{p.record}}); err != nil {
-		return s.finishRenterLocked(ctx, now, p, false, ReasonUnavailable, "")
-	}
 	p.deadline = now.Add(s.startTimeout)
 	s.pending[c.CmdID] = p
-	err = s.sendLocked(ctx, c.DeviceID, DeviceCommand{CmdID: c.CmdID, Action: c.Action, RentalID: l.r.ID, RenterID: c.RenterID, Args: c.Args})
-	if err != nil {
+	// Forwarded only once its record is durable; refused unavailable when
+	// the store cannot write it.
+	fail := func(reason Reason) {
+		if s.pending[c.CmdID] != p {
+			return // answered meanwhile
+		}
 		delete(s.pending, c.CmdID)
+		_ = s.finishRenterLocked(ctx, s.clock.Now(), p, false, reason, "")
+	}
+	s.recordLocked(Change{Commands: []CommandRecord{p.record}}, true, false, func() { fail(ReasonUnavailable) })
+	s.sendLocked(c.DeviceID, DeviceCommand{CmdID: c.CmdID, Action: c.Action, RentalID: l.r.ID, RenterID: c.RenterID, Args: c.Args}, true, func(err error) {
 		reason := ErrorReason(err)
 		if reason == "" {
 			reason = ReasonDeviceError
 		}
-		return s.finishRenterLocked(ctx, now, p, false, reason, "")
-	}
+		fail(reason)
+	})
 	s.poke()
 	return nil
 }
@@ -1282,14 +1285,15 @@ func (s *Station) finishRenterLocked(ctx context.Context, now time.Time, p *pend
 	if ValidToken(rec.CmdID) && reason != ReasonInvalid {
 		ch.Commands = []CommandRecord{rec}
 	}
-	return s.commitLocked(ctx, now, ch)
+	s.commitLocked(ctx, now, ch)
+	return nil
 }
 
 // commandLocked finds a renter command's latest record, one waiting for
 // the store included. Errors: ENOTFOUND.
 func (s *Station) commandLocked(ctx context.Context, cmdID string) (CommandRecord, error) {
 	if r, ok := s.queued.commands[cmdID]; ok {
-		return r, nil
+		return r.v, nil
 	}
 	return s.store.Command(ctx, cmdID)
 }
@@ -1299,8 +1303,13 @@ func (s *Station) commandLocked(ctx context.Context, cmdID string) (CommandRecor
 // stop outstanding gets it at once.
 func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	// The commit's outcome is not the device's business: what was decided
+	// is enforced, its record waits for the store if it must.
+	err, _ := s.decide(func() error { return s.deviceOnlineLocked(ctx, deviceID, online) })
+	return err
+}
+
+func (s *Station) deviceOnlineLocked(ctx context.Context, deviceID string, online bool) error {
 	rec, err := s.deviceLocked(deviceID)
 	if err != nil {
 		return err
@@ -1315,7 +1324,7 @@ func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool
 	}
 	// Presence is applied even when the store cannot write: the stops and
 	// starts that depend on it must not wait for the disk.
-	_ = s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, t, DeviceData{DeviceID: deviceID})}})
+	s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, t, DeviceData{DeviceID: deviceID})}})
 	rec.state.Online = online
 	seenLocked(rec, now)
 	if online {
@@ -1337,8 +1346,13 @@ func (s *Station) DeviceOnline(ctx context.Context, deviceID string, online bool
 // bounds (§2) changes nothing: EINVALID.
 func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateReport) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	// The commit's outcome is not the device's business: what was decided
+	// is enforced, its record waits for the store if it must.
+	err, _ := s.decide(func() error { return s.deviceStateLocked(ctx, deviceID, r) })
+	return err
+}
+
+func (s *Station) deviceStateLocked(ctx context.Context, deviceID string, r StateReport) error {
 	rec, err := s.deviceLocked(deviceID)
 	if err != nil {
 		return err
@@ -1360,7 +1374,7 @@ func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateRepor
 		if l := rec.rental; l.r.State == RentalStarting {
 			s.failStartLocked(ctx, now, l, ReasonDeviceFault, rec.state.Fault)
 		} else {
-			_ = s.endLocked(ctx, now, l, ReasonDeviceFault) // enforced; recorded once the store can
+			_ = s.endRentalLocked(ctx, now, l, ReasonDeviceFault) // enforced; recorded once the store can
 		}
 	case r.Status == StatusInUse && rec.rental == nil && rec.stop == nil && now.After(rec.graceUntil):
 		// With a stop outstanding, in_use is expected until it lands.
@@ -1368,7 +1382,7 @@ func (s *Station) DeviceState(ctx context.Context, deviceID string, r StateRepor
 			rec.lastUnrented = now
 			ch := Change{Events: []Event{s.event(now, EventUnrentedUse, DeviceData{DeviceID: deviceID})},
 				Stops: []StopRecord{s.beginStopLocked(now, rec, "")}}
-			_ = s.commitLocked(ctx, now, ch) // enforced; recorded once the store can
+			s.commitLocked(ctx, now, ch) // enforced; recorded once the store can
 			s.log.Warn("unrented use stopped", "device", deviceID)
 			s.sendStopLocked(ctx, now, rec)
 		}
@@ -1457,23 +1471,31 @@ func (s *Station) DeviceLocation(ctx context.Context, deviceID string, l Locatio
 }
 
 // DeviceEvent appends a device's event to the log, durably, as a
-// device.event. It does not take the station's lock, so events from many
-// devices are committed together. While records wait for the store it
+// device.event. It takes the station's lock only to queue the event: the
+// committer commits the events of many devices together. While records wait for the store it
 // fails with EUNAVAILABLE, so the device is not acknowledged and the event
 // does not overtake them.
 func (s *Station) DeviceEvent(ctx context.Context, deviceID string, event []byte) error {
-	if _, ok := s.devices[deviceID]; !ok { // devices is not modified after NewStation
-		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
-	}
-	if n := s.unrecordedN.Load(); n > 0 {
-		// Records wait for the store: this one must not overtake them,
-		// and the device must not be acknowledged before it is stored.
-		return errUnrecorded(int(n))
-	}
-	now := s.clock.Now()
-	_, err := s.store.Commit(ctx, Change{Events: []Event{s.event(now, EventDeviceEvent, DeviceEventData{DeviceID: deviceID, Event: event})}})
+	err, commitErr := s.decide(func() error {
+		if _, ok := s.devices[deviceID]; !ok {
+			return Errorf(ENOTFOUND, "unknown device %q", deviceID)
+		}
+		if n := len(s.unrecorded); n > 0 {
+			// Records wait for the store: this one must not overtake them,
+			// and the device must not be acknowledged before it is stored.
+			return errUnrecorded(n)
+		}
+		// Dropped, not kept, when the store cannot write it: the device is
+		// not acknowledged and sends it again.
+		now := s.clock.Now()
+		s.recordLocked(Change{Events: []Event{s.event(now, EventDeviceEvent, DeviceEventData{DeviceID: deviceID, Event: event})}}, true, false, nil)
+		return nil
+	})
 	if err != nil {
-		return fmt.Errorf("device event: %w", err)
+		return err
+	}
+	if commitErr != nil {
+		return fmt.Errorf("device event: %w", commitErr)
 	}
 	return nil
 }
@@ -1481,8 +1503,13 @@ func (s *Station) DeviceEvent(ctx context.Context, deviceID string, event []byte
 // DeviceAck matches a device's ack to the command it answers.
 func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	// The commit's outcome is not the device's business: what was decided
+	// is enforced, its record waits for the store if it must.
+	err, _ := s.decide(func() error { return s.deviceAckLocked(ctx, deviceID, a) })
+	return err
+}
+
+func (s *Station) deviceAckLocked(ctx context.Context, deviceID string, a CommandAck) error {
 	now := s.clock.Now()
 	p, ok := s.pending[a.CmdID]
 	if !ok || p.deviceID != deviceID {
@@ -1522,7 +1549,7 @@ func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) 
 		}))
 		// The rental starts even when the store cannot write: the device
 		// runs, and the record waits for the store.
-		_ = s.commitLocked(ctx, now, ch)
+		s.commitLocked(ctx, now, ch)
 		delete(s.pending, a.CmdID)
 		l.r, l.base, l.baseUsed = r, now, 0
 		rec.state.Rental = &DeviceRental{RentalID: r.ID, RenterID: r.RenterID,
@@ -1666,14 +1693,18 @@ func (s *Station) SetMaintenance(ctx context.Context, id string, on bool) error 
 // technician's request). Errors: ENOTFOUND when no such rental is running.
 func (s *Station) EndRental(ctx context.Context, rentalID string, reason Reason) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	l, ok := s.live[rentalID]
-	if !ok {
-		return Errorf(ENOTFOUND, "no running rental %q", rentalID)
+	err, commitErr := s.decide(func() error {
+		l, ok := s.live[rentalID]
+		if !ok {
+			return Errorf(ENOTFOUND, "no running rental %q", rentalID)
+		}
+		return s.endRentalLocked(ctx, s.clock.Now(), l, reason)
+	})
+	if err != nil {
+		return err
 	}
-	if err := s.endLocked(ctx, s.clock.Now(), l, reason); err != nil {
-		return &Error{Code: EUNAVAILABLE, Message: "rental ended and its device stopped, but the record waits for the store", Err: err}
+	if commitErr != nil {
+		return &Error{Code: EUNAVAILABLE, Message: "rental ended and its device stopped, but the record waits for the store", Err: commitErr}
 	}
 	return nil
 }

@@ -1,0 +1,364 @@
+package edged
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync/atomic"
+	"time"
+)
+
+// The station's write path is decide, commit, act, as databases do:
+//
+//   - Decide: under Station.mu, a decision changes the in-memory state at
+//     once (so the next decision sees it) and writes into its ticket the
+//     Change to record and the effects to perform: commands to send. It
+//     never waits for a disk or a network.
+//   - Commit: one committer at a time takes every queued ticket, merges
+//     their changes into one Store.Commit (one transaction, one fsync)
+//     outside the lock.
+//   - Act: then, in decision order, it performs the tickets' effects and
+//     wakes their callers, who acknowledge (the cloud message, the device's
+//     PUBACK) only now that what they decided is durable.
+//
+// When the commit fails (a full disk, §4), the decisions stand: enforced
+// ends still send their stop, and their records wait in memory, in order,
+// written once the store takes them (flushUnrecorded). Only what must not
+// happen before it is recorded is undone: a grant's start is not sent and
+// the grant is refused unavailable, a renter command is not forwarded.
+
+// ticket is one decision's share of the pipeline.
+type ticket struct {
+	steps   []step
+	effects []effect
+	// force retries the changes waiting for the store before this one,
+	// whatever the backoff says (a cloud message is refused while they
+	// wait, so it first gives the store a chance).
+	force bool
+	// nudge runs the committer even with nothing to commit: the waiting
+	// changes may be due for a retry, delivered stops are to be deleted.
+	nudge bool
+
+	done chan struct{}
+	err  error     // the commit's outcome, set before done closes
+	then []*ticket // follow-up decisions its effects or failure made
+}
+
+// step is one Change of a decision.
+type step struct {
+	ch  Change
+	seq uint64 // decision order, for the overlay of not yet durable records
+	// tentative changes are dropped when the commit fails: a device event
+	// (the device sends it again) or a change whose effect must not happen
+	// unrecorded; onFail then decides what replaces it.
+	tentative  bool
+	onFail     func()
+	checkpoint bool
+}
+
+// effect is what a decision does once its changes are durable (or, when
+// not durableOnly, once the commit was tried, whatever its outcome: a stop
+// is sent even when its record waits for the store).
+type effect struct {
+	durableOnly bool
+	do          func(ctx context.Context) (followUp func())
+}
+
+// committerStats counts the committer's work, for metrics.
+type committerStats struct {
+	commits atomic.Uint64 // Store.Commit calls made by the committer: one fsync each
+	changes atomic.Uint64 // decisions' changes they carried
+}
+
+// beginLocked starts a decision: what it records and sends goes into the
+// returned ticket.
+func (s *Station) beginLocked() *ticket {
+	t := &ticket{done: make(chan struct{})}
+	s.cur = t
+	return t
+}
+
+// endLocked ends the decision begun with t and queues it for the
+// committer. A decision that changed nothing still waits behind those in
+// flight, so nothing is acknowledged before what was decided earlier.
+func (s *Station) endLocked(t *ticket) *ticket {
+	s.cur = nil
+	if len(t.steps) == 0 && len(t.effects) == 0 && !t.force && !t.nudge && !s.committing {
+		return nil
+	}
+	s.queue = append(s.queue, t)
+	if !s.committing {
+		s.committing = true
+		go s.commitLoop() // exits when the queue is empty; its callers wait for it
+	}
+	return t
+}
+
+// finish waits until t's changes are durable (or kept for the store) and
+// its effects performed, and its follow-ups too, and returns the commit's
+// outcome: nil when durable.
+func (s *Station) finish(t *ticket) error {
+	if t == nil {
+		return nil
+	}
+	<-t.done
+	for _, f := range t.then {
+		_ = s.finish(f) // a follow-up's record is enforced either way
+	}
+	return t.err
+}
+
+// recordLocked adds ch to the decision being made.
+func (s *Station) recordLocked(ch Change, tentative, checkpoint bool, onFail func()) {
+	if ch.Empty() {
+		return
+	}
+	s.seq++
+	s.overlayLocked(ch, s.seq)
+	s.cur.steps = append(s.cur.steps, step{ch: ch, seq: s.seq, tentative: tentative, checkpoint: checkpoint, onFail: onFail})
+	if tentative {
+		return
+	}
+	for _, e := range ch.Events {
+		s.countLocked(e)
+	}
+}
+
+// actLocked adds an effect to the decision being made.
+func (s *Station) actLocked(durableOnly bool, do func(ctx context.Context) func()) {
+	s.cur.effects = append(s.cur.effects, effect{durableOnly: durableOnly, do: do})
+}
+
+// commitLoop is the committer: it runs while tickets are queued, one loop
+// at a time (Station.committing), and exits when none is left.
+func (s *Station) commitLoop() {
+	ctx := context.Background() // a decision, once begun, is carried out whole
+	for {
+		s.mu.Lock()
+		if len(s.queue) == 0 {
+			s.committing = false
+			s.mu.Unlock()
+			return
+		}
+		batch := s.queue
+		s.queue = nil
+		s.mu.Unlock()
+		s.commitBatch(ctx, batch)
+	}
+}
+
+// commitBatch commits the tickets' changes in one Store.Commit, then
+// performs their effects in order and wakes their callers.
+func (s *Station) commitBatch(ctx context.Context, batch []*ticket) {
+	force := false
+	for _, t := range batch {
+		force = force || t.force
+	}
+	writable := s.flushUnrecorded(ctx, force)
+
+	s.mu.Lock()
+	done := s.stopsDone // delivered stops ride along
+	s.stopsDone = nil
+	merged := Change{Stops: slices.Clone(done)}
+	n := 0
+	var last uint64
+	for _, t := range batch {
+		for _, st := range t.steps {
+			merged = merge(merged, st.ch)
+			n++
+			last = st.seq
+		}
+	}
+	waiting := len(s.unrecorded)
+	s.mu.Unlock()
+
+	var err error
+	switch {
+	case !writable:
+		err = errUnrecorded(waiting)
+	case !merged.Empty():
+		_, err = s.store.Commit(ctx, merged)
+		s.cstats.commits.Add(1)
+		s.cstats.changes.Add(uint64(n))
+		if err != nil {
+			if ErrorCode(err) == EINVALID && len(batch) > 1 {
+				// Never expected (ids are checked before): find the
+				// change the store refuses, so it alone is dropped.
+				s.mu.Lock()
+				s.stopsDone = append(done, s.stopsDone...)
+				s.mu.Unlock()
+				for _, t := range batch {
+					s.commitBatch(ctx, []*ticket{t})
+				}
+				return
+			}
+			err = fmt.Errorf("commit: %w", err)
+		}
+	}
+
+	s.mu.Lock()
+	if err == nil {
+		s.durableLocked(last)
+	} else if ErrorCode(err) == EINVALID {
+		s.log.Error("change refused by the store", "err", err)
+	} else {
+		now := s.clock.Now()
+		if len(done) > 0 {
+			s.deferLocked(now, deferredChange{ch: Change{Stops: done}}, err)
+		}
+		for _, t := range batch {
+			for _, st := range t.steps {
+				if st.tentative {
+					if st.onFail != nil {
+						t.then = append(t.then, s.followLocked(st.onFail))
+					}
+					continue
+				}
+				s.deferLocked(now, deferredChange{ch: st.ch, checkpoint: st.checkpoint, seq: st.seq}, err)
+			}
+		}
+	}
+	s.mu.Unlock()
+
+	for _, t := range batch {
+		for _, e := range t.effects {
+			if e.durableOnly && err != nil {
+				continue
+			}
+			if f := e.do(ctx); f != nil {
+				s.mu.Lock()
+				t.then = append(t.then, s.followLocked(f))
+				s.mu.Unlock()
+			}
+		}
+		if len(t.steps) > 0 {
+			t.err = err
+		}
+		close(t.done)
+	}
+}
+
+// followLocked makes a follow-up decision with its own ticket, queued
+// behind those already decided.
+func (s *Station) followLocked(decide func()) *ticket {
+	t := s.beginLocked()
+	decide()
+	if t := s.endLocked(t); t != nil {
+		return t
+	}
+	close(t.done)
+	return t
+}
+
+// flushUnrecorded writes the changes waiting for the store, in order and
+// merged, when their retry is due (or force), and reports whether none
+// waits any more.
+func (s *Station) flushUnrecorded(ctx context.Context, force bool) bool {
+	per := 256
+	for {
+		s.mu.Lock()
+		if len(s.unrecorded) == 0 {
+			s.mu.Unlock()
+			return true
+		}
+		now := s.clock.Now()
+		if !force && now.Before(s.retryAt) {
+			s.mu.Unlock()
+			return false
+		}
+		k := min(per, len(s.unrecorded))
+		var ch Change
+		for _, d := range s.unrecorded[:k] {
+			ch = merge(ch, d.ch)
+		}
+		s.retrying = true
+		s.mu.Unlock()
+
+		_, err := s.store.Commit(ctx, ch)
+		s.cstats.commits.Add(1)
+		s.cstats.changes.Add(uint64(k))
+
+		s.mu.Lock()
+		s.retrying = false
+		if err != nil && ErrorCode(err) != EINVALID {
+			s.retryWait = min(2*max(s.retryWait, time.Second/2), maxRetryWait)
+			s.retryAt = now.Add(s.retryWait)
+			s.log.Warn("store still cannot write", "waiting", len(s.unrecorded), "retry_in", s.retryWait, "err", err)
+			s.mu.Unlock()
+			return false
+		}
+		if err != nil && k > 1 {
+			per = 1 // find the change the store refuses
+			s.mu.Unlock()
+			continue
+		}
+		if err != nil {
+			s.log.Error("waiting change refused by the store: dropped", "err", err)
+		}
+		var last uint64
+		for i := range k {
+			last = max(last, s.unrecorded[i].seq)
+			s.unrecorded[i] = deferredChange{}
+		}
+		s.unrecorded = s.unrecorded[k:]
+		s.unrecordedN.Store(int64(len(s.unrecorded)))
+		if len(s.unrecorded) == 0 {
+			s.unrecorded = nil
+			s.retryWait = 0
+			s.log.Info("store writes again: every waiting record written")
+			s.durableLocked(s.seq) // whatever was decided before is now behind the store
+		} else if last > 0 {
+			s.durableLocked(last)
+		}
+		s.mu.Unlock()
+	}
+}
+
+// overlay holds the records decided but not yet durable (in flight in the
+// committer, or waiting for the store), so a decision looks them up
+// before the store: the latest decided record of each key wins.
+type overlay struct {
+	rentals  map[string]overlaid[Rental]
+	commands map[string]overlaid[CommandRecord]
+	results  map[string]overlaid[ResultRecord]
+}
+
+type overlaid[T any] struct {
+	v   T
+	seq uint64
+}
+
+func (s *Station) overlayLocked(ch Change, seq uint64) {
+	if s.queued.rentals == nil {
+		s.queued = overlay{rentals: map[string]overlaid[Rental]{}, commands: map[string]overlaid[CommandRecord]{}, results: map[string]overlaid[ResultRecord]{}}
+	}
+	for _, r := range ch.Rentals {
+		s.queued.rentals[r.ID] = overlaid[Rental]{r, seq}
+	}
+	for _, r := range ch.Commands {
+		s.queued.commands[r.CmdID] = overlaid[CommandRecord]{r, seq}
+	}
+	for _, r := range ch.Results {
+		s.queued.results[r.Key()] = overlaid[ResultRecord]{r, seq}
+	}
+}
+
+// durableLocked forgets the overlay's records decided at or before seq:
+// the store has them now, or a newer record of the same key is decided.
+func (s *Station) durableLocked(seq uint64) {
+	for k, o := range s.queued.rentals {
+		if o.seq <= seq {
+			delete(s.queued.rentals, k)
+		}
+	}
+	for k, o := range s.queued.commands {
+		if o.seq <= seq {
+			delete(s.queued.commands, k)
+		}
+	}
+	for k, o := range s.queued.results {
+		if o.seq <= seq {
+			delete(s.queued.results, k)
+		}
+	}
+}
