@@ -70,6 +70,8 @@ var (
 	mRentalResults  = desc("rental_results_total", "rental.result events since edged started, by reason (ok for success).", "reason")
 	mCommandResults = desc("command_results_total", "command.result events since edged started, by reason (ok for success).", "reason")
 	mUnrentedUse    = desc("unrented_use_total", "Devices stopped for use without a rental.")
+	mCommits        = desc("station_commits_total", "Store commits made by the station's committer, one fsync each.")
+	mCommitChanges  = desc("station_commit_changes_total", "Decisions' changes those commits carried.")
 
 	mBusPortOpen    = desc("bus_port_open", "1 while the bus's serial port is open.", "bus")
 	mBusOpens       = desc("bus_port_opens_total", "Successful opens of the bus's port; more than 1 means it was reopened.", "bus")
@@ -97,6 +99,7 @@ func (c stationCollector) Describe(ch chan<- *prometheus.Desc) {
 		mUplinkState, mUplinkReconnects, mUplinkConnects, mUplinkAcked,
 		mUplinkProfile, mUplinkMessages, mUplinkEvents, mUplinkBatches, mUplinkWaits, mUplinkRefused,
 		mRentalsActive, mRentalsStarted, mRentalsEnded, mRentalResults, mCommandResults, mUnrentedUse,
+		mCommits, mCommitChanges,
 		mBusPortOpen, mBusOpens, mBusPortErrors, mBusRequests, mBusTimeouts, mBusCRCErrors,
 		mBusFrameErrors, mBusExceptions, mBusFailedPolls, mBusDevOnline} {
 		ch <- d
@@ -189,6 +192,8 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(mCommandResults, float64(v), r)
 	}
 	counter(mUnrentedUse, float64(st.UnrentedUse))
+	counter(mCommits, float64(st.Commits))
+	counter(mCommitChanges, float64(st.CommitChanges))
 
 	buses := s.buses()
 	sort.Slice(buses, func(i, j int) bool { return buses[i].Name < buses[j].Name })
