@@ -362,3 +362,125 @@ func (s *Station) durableLocked(seq uint64) {
 		}
 	}
 }
+
+// maxUnrecorded bounds the changes kept in memory while the store cannot
+// write. Past it, changes holding nothing but droppable events (presence)
+// are dropped and counted; rental records never are.
+const maxUnrecorded = 100000
+
+// maxRetryWait caps the backoff between attempts to write the unrecorded
+// changes, so a store that recovers is used again within seconds.
+const maxRetryWait = 5 * time.Second
+
+type deferredChange struct {
+	ch  Change
+	seq uint64 // the decision's, 0 for delivered stops
+	// checkpoint: only rental checkpoints, replaced by a newer checkpoint
+	// queued right behind it.
+	checkpoint bool
+}
+
+// commitLocked records a decision's change: the committer makes it
+// durable before its effects and the decision's caller is acknowledged,
+// or, when the store cannot write, keeps it in memory, in order, until it
+// can. The decision stands either way: it is enforced.
+func (s *Station) commitLocked(ctx context.Context, now time.Time, ch Change) {
+	s.recordLocked(ch, false, false, nil)
+	s.answerRelayedLocked(ctx, ch.Events)
+}
+
+// writableLocked reports whether no change waits for the store.
+func (s *Station) writableLocked() bool { return len(s.unrecorded) == 0 }
+
+// retryNow has the committer try to write the changes waiting for the
+// store now, and waits for it: a cloud message is refused while they
+// wait, so it first gives a recovered store its chance.
+func (s *Station) retryNow() {
+	s.mu.Lock()
+	t := s.beginLocked()
+	t.force = true
+	q := s.endLocked(t)
+	s.mu.Unlock()
+	_ = s.finish(q)
+}
+
+// decide makes one decision under the lock and waits until the committer
+// has made it durable (or kept it for the store) and carried out its
+// effects. It returns the decision's own error and the commit's outcome.
+func (s *Station) decide(f func() error) (err, commitErr error) {
+	s.mu.Lock()
+	t := s.beginLocked()
+	err = f()
+	q := s.endLocked(t)
+	s.mu.Unlock()
+	return err, s.finish(q)
+}
+
+func errUnrecorded(n int) error {
+	return &Error{Code: EUNAVAILABLE, Reason: ReasonUnavailable,
+		Message: fmt.Sprintf("store cannot write: %d records wait to be written", n)}
+}
+
+// Unrecorded returns how many decisions are enforced but not yet durable,
+// waiting for the store to accept writes again (§4): nonzero means the
+// station cannot record, for /healthz and the status page. It does not
+// take the station's lock.
+func (s *Station) Unrecorded() int { return int(s.unrecordedN.Load()) }
+
+// deferLocked keeps a change the store refused, in order, for Tick to
+// retry with backoff, so an enforced decision is recorded once the disk
+// recovers.
+func (s *Station) deferLocked(now time.Time, d deferredChange, cause error) {
+	if len(s.unrecorded) >= maxUnrecorded && droppableOnly(d.ch) {
+		s.stats.UnrecordedDropped += uint64(len(d.ch.Events))
+		return
+	}
+	if len(s.unrecorded) == 0 {
+		s.log.Error("store cannot write: decisions are enforced and kept in memory until it can", "err", cause)
+	}
+	s.unrecorded = append(s.unrecorded, d)
+	s.unrecordedN.Store(int64(len(s.unrecorded)))
+	if s.retryWait == 0 {
+		s.retryWait = time.Second
+		s.retryAt = now.Add(s.retryWait)
+	}
+}
+
+func droppableOnly(ch Change) bool {
+	if len(ch.Rentals)+len(ch.Commands)+len(ch.Results)+len(ch.Stops) > 0 {
+		return false
+	}
+	for _, e := range ch.Events {
+		if !e.Type.Droppable() {
+			return false
+		}
+	}
+	return true
+}
+
+// resultLocked finds the result a rental message got. Errors: ENOTFOUND.
+// Errors: ENOTFOUND.
+func (s *Station) resultLocked(ctx context.Context, key string) (ResultRecord, error) {
+	if r, ok := s.queued.results[key]; ok {
+		return r.v, nil
+	}
+	return s.store.Result(ctx, key)
+}
+
+// rentalLocked finds a rental's latest record, one waiting for the store
+// included. Errors: ENOTFOUND.
+func (s *Station) rentalLocked(ctx context.Context, id string) (Rental, error) {
+	if r, ok := s.queued.rentals[id]; ok {
+		return r.v, nil
+	}
+	return s.store.Rental(ctx, id)
+}
+
+// commandLocked finds a renter command's latest record, one waiting for
+// the store included. Errors: ENOTFOUND.
+func (s *Station) commandLocked(ctx context.Context, cmdID string) (CommandRecord, error) {
+	if r, ok := s.queued.commands[cmdID]; ok {
+		return r.v, nil
+	}
+	return s.store.Command(ctx, cmdID)
+}
