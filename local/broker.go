@@ -145,16 +145,7 @@ type Config struct {
 }
 
 // Stats are the broker's counters since New.
-type Stats struct {
-	AuthFailures uint64 // CONNECTs refused: unknown device, wrong secret, bad client id or will
-	ACLDenials   uint64 // publishes and subscriptions outside the device's own topics
-	BadInput     uint64 // payloads over 64 KiB or not what the topic needs
-	MessagesIn   uint64 // device messages reported to the station
-	MessagesOut  uint64 // commands published to devices
-	Connected    int    // devices connected now
-	Throttled    uint64 // publishes held back by local.max_publish_rate
-	RelayDropped uint64 // relayed rental messages dropped: over the limit, or no relay
-}
+type Stats = edged.BrokerStats
 
 // Broker is the devices' MQTT broker. It is safe for concurrent use.
 type Broker struct {

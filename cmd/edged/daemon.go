@@ -174,7 +174,7 @@ func (m *Main) Run(ctx context.Context) error {
 				}
 				return out
 			},
-			Broker:    func() web.BrokerStats { return web.BrokerStats(broker.Stats()) },
+			Broker:    broker.Stats,
 			Healthy:   m.Healthy,
 			StationID: cfg.Station.ID, StationName: cfg.Station.Name, Version: edged.Version,
 			StartedAt: m.StartedAt, Logger: log.With("system", "http"),

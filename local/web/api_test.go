@@ -146,7 +146,7 @@ func TestStatusHasTheContractShape(t *testing.T) {
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3, LastSeq: 99}}
 		f.buses = []web.BusHealth{{Name: "bus0", Port: "/dev/ttyUSB0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 1,
 			Devices: []web.DeviceHealth{{DeviceID: "charger-7", Unit: 7, State: "offline"}}}}
-		f.broker = web.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5}
+		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5}
 	})
 
 	r := s.do(req{path: "/api/v1/status"})
@@ -504,7 +504,7 @@ func TestMetrics(t *testing.T) {
 		f.uplink = web.UplinkStatus{State: "connecting", Reconnects: 4, Connects: 5,
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3}}
 		f.buses = []web.BusHealth{{Name: "bus0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 2}}
-		f.broker = web.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5, AuthFailures: 6, ACLDenials: 7, BadInput: 8, RelayDropped: 9}
+		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5, AuthFailures: 6, ACLDenials: 7, BadInput: 8, RelayDropped: 9}
 	})
 	r := s.do(req{path: "/metrics"})
 	if r.code != http.StatusOK || !strings.HasPrefix(r.header.Get("Content-Type"), "text/plain") {

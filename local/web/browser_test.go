@@ -69,7 +69,7 @@ func simulatedStation(t *testing.T) *station {
 				{DeviceID: "charger-07", Unit: 7, State: "online", Requests: 9117, PollPeriod: time.Second},
 				{DeviceID: "charger-08", Unit: 8, State: "offline", Requests: 9117, Timeouts: 41, PollPeriod: 30 * time.Second},
 			}}}
-		f.broker = web.BrokerStats{Connected: 3, MessagesIn: 5821, MessagesOut: 64, AuthFailures: 2}
+		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 5821, MessagesOut: 64, AuthFailures: 2}
 	})
 	return s
 }

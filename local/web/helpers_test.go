@@ -74,7 +74,7 @@ type fakeSources struct {
 	mu     sync.Mutex
 	uplink web.UplinkStatus
 	buses  []web.BusHealth
-	broker web.BrokerStats
+	broker edged.BrokerStats
 	health error
 }
 
@@ -90,7 +90,7 @@ func (f *fakeSources) Buses() []web.BusHealth {
 	return append([]web.BusHealth(nil), f.buses...)
 }
 
-func (f *fakeSources) Broker() web.BrokerStats {
+func (f *fakeSources) Broker() edged.BrokerStats {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.broker

@@ -70,17 +70,3 @@ type DeviceHealth struct {
 	PollPeriod  time.Duration
 	LastPoll    time.Time
 }
-
-// BrokerStats are the local broker's counters. It mirrors local.Stats field
-// for field, so cmd/edged converts one into the other with a plain
-// conversion.
-type BrokerStats struct {
-	AuthFailures uint64 // CONNECTs refused
-	ACLDenials   uint64 // publishes and subscriptions outside a device's topics
-	BadInput     uint64 // payloads over 64 KiB or not what the topic needs
-	MessagesIn   uint64 // device messages reported to the station
-	MessagesOut  uint64 // commands published to devices
-	Connected    int    // devices connected now
-	Throttled    uint64 // publishes held back by local.max_publish_rate
-	RelayDropped uint64 // relayed rental messages dropped: over the limit, or no relay
-}
