@@ -306,10 +306,10 @@ func (s *Station) flushUnrecorded(ctx context.Context, force bool) bool {
 			s.unrecorded = nil
 			s.retryWait = 0
 			s.log.Info("store writes again: every waiting record written")
-			s.durableLocked(s.seq) // whatever was decided before is now behind the store
-		} else if last > 0 {
-			s.durableLocked(last)
 		}
+		// Only what was written: decisions queued meanwhile, with higher
+		// seqs, keep their records in the overlay until their commit.
+		s.durableLocked(last)
 		s.mu.Unlock()
 	}
 }
