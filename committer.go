@@ -1,7 +1,9 @@
 package edged
 
 import (
+	"cmp"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"slices"
 	"sync/atomic"
@@ -38,6 +40,10 @@ type ticket struct {
 	// nudge runs the committer even with nothing to commit: the waiting
 	// changes may be due for a retry, delivered stops are to be deleted.
 	nudge bool
+
+	// owe is the key a cloud message is known by (Station.owed), when the
+	// decision is one's answer.
+	owe string
 
 	done chan struct{}
 	err  error     // the commit's outcome, set before done closes
@@ -106,6 +112,81 @@ func (s *Station) finish(t *ticket) error {
 		_ = s.finish(f) // a follow-up's record is enforced either way
 	}
 	return t.err
+}
+
+// decideMessage decides a cloud message like decide and, when its answer
+// is left waiting for the store (EUNAVAILABLE), remembers the message by
+// the key the decision gave, so that a retry of the same delivery meanwhile
+// adds no second answer (one answer per message, §3.1).
+func (s *Station) decideMessage(f func() error) (err, commitErr error) {
+	s.mu.Lock()
+	t := s.beginLocked()
+	err = f()
+	key := t.owe
+	q := s.endLocked(t)
+	s.mu.Unlock()
+	commitErr = s.finish(q)
+	if key != "" && q != nil && ErrorCode(cmp.Or(err, commitErr)) == EUNAVAILABLE {
+		s.mu.Lock()
+		s.oweLocked(key, q.lastSeq())
+		s.mu.Unlock()
+	}
+	return err, commitErr
+}
+
+// lastSeq is the seq of the last change t and its follow-ups decided.
+func (t *ticket) lastSeq() uint64 {
+	var n uint64
+	for _, st := range t.steps {
+		n = max(n, st.seq)
+	}
+	for _, f := range t.then {
+		n = max(n, f.lastSeq())
+	}
+	return n
+}
+
+// oweLocked remembers a message whose answer, decided up to change upTo,
+// waits for the store: its caller was told EUNAVAILABLE and holds it
+// unacknowledged.
+func (s *Station) oweLocked(key string, upTo uint64) {
+	if upTo <= s.durable {
+		return // written meanwhile, or nothing recorded
+	}
+	if s.owed == nil || len(s.owed) >= maxOwed {
+		// Bounded: past it the promises are forgotten, which costs at most
+		// a repeated identical answer (at-least-once allows it).
+		s.owed = map[string]uint64{}
+	}
+	s.owed[key] = upTo
+}
+
+// owedLocked reports whether a message answered before is a retry of a
+// delivery whose answer still waits for the store (see Station.owed): it
+// then gets EUNAVAILABLE again and adds nothing. Once that answer is
+// written, the message is re-reported like any redelivery, so the call
+// that is acknowledged has its answer durable.
+func (s *Station) owedLocked(key string) (err error, retry bool) {
+	upTo, ok := s.owed[key]
+	if !ok {
+		return nil, false
+	}
+	if s.durable < upTo {
+		return errUnrecorded(len(s.unrecorded)), true
+	}
+	delete(s.owed, key)
+	return nil, false
+}
+
+// maxOwed bounds Station.owed: a cloud that never redelivers would
+// otherwise grow it for as long as the store cannot write.
+const maxOwed = 10000
+
+// payloadKey is what a message refused unread (invalid, badly signed) is
+// known by in Station.owed: it has no usable ids.
+func payloadKey(payload []byte) string {
+	sum := sha256.Sum256(payload)
+	return "p:" + string(sum[:])
 }
 
 // recordLocked adds ch to the decision being made.
@@ -346,6 +427,7 @@ func (s *Station) overlayLocked(ch Change, seq uint64) {
 // durableLocked forgets the overlay's records decided at or before seq:
 // the store has them now, or a newer record of the same key is decided.
 func (s *Station) durableLocked(seq uint64) {
+	s.durable = max(s.durable, seq)
 	for k, o := range s.queued.rentals {
 		if o.seq <= seq {
 			delete(s.queued.rentals, k)

@@ -192,11 +192,17 @@ func (s *Station) failStartLocked(ctx context.Context, now time.Time, l *liveRen
 }
 
 // rentalMessageLocked decides a rental message.
-func (s *Station) rentalMessageLocked(ctx context.Context, m RentalMessage, perr error, relayedBy string) error {
+func (s *Station) rentalMessageLocked(ctx context.Context, m RentalMessage, perr error, relayedBy string, payload []byte) error {
 	now := s.clock.Now()
 	unrecorded := func(reason Reason) error {
 		// Neither the message nor its refusal is recorded: a forged or
-		// garbled message cannot occupy a rental id.
+		// garbled message cannot occupy a rental id. A retry while its
+		// refusal waits for the store is known by its payload.
+		key := payloadKey(payload)
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+		s.cur.owe = key
 		s.log.Info("rental message refused", "op", truncate(m.Op), "rental", truncate(m.RentalID), "device", truncate(m.DeviceID), "reason", reason)
 		s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventRentalResult, RentalResultData{
 			RentalID: truncate(m.RentalID), DeviceID: truncate(m.DeviceID), Op: truncate(m.Op), OK: false, Reason: reason,
@@ -218,9 +224,14 @@ func (s *Station) rentalMessageLocked(ctx context.Context, m RentalMessage, perr
 	}
 	// A message answered before is answered the same, whatever happened
 	// since: the rental ended, its not_after passed, edged restarted.
-	prev, err := s.resultLocked(ctx, ResultKey(m.RentalID, m.Op, m.DurationS))
+	key := ResultKey(m.RentalID, m.Op, m.DurationS)
+	prev, err := s.resultLocked(ctx, key)
 	switch {
 	case err == nil:
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+		s.cur.owe = key
 		s.commitLocked(ctx, now, Change{Events: []Event{s.resultEvent(now, prev)}})
 		return nil
 	case ErrorCode(err) != ENOTFOUND:
@@ -254,6 +265,7 @@ func (s *Station) rentalMessageLocked(ctx context.Context, m RentalMessage, perr
 			}
 		}
 	}
+	s.cur.owe = key
 	switch m.Op {
 	case OpGrant:
 		return s.grantLocked(ctx, now, m, refuse)
@@ -486,16 +498,28 @@ func (s *Station) cancelStartLocked(ctx context.Context, now time.Time, l *liveR
 }
 
 // renterCommandLocked decides a renter command.
-func (s *Station) renterCommandLocked(ctx context.Context, c RenterCommand, perr error) error {
+func (s *Station) renterCommandLocked(ctx context.Context, c RenterCommand, perr error, payload []byte) error {
 	now := s.clock.Now()
 	p := &pendingCommand{kind: kindRenter, cmdID: c.CmdID, deviceID: c.DeviceID, record: CommandRecord{
 		CmdID: c.CmdID, DeviceID: c.DeviceID, RenterID: c.RenterID, Action: c.Action, At: now,
 	}}
 	if perr != nil {
 		p.cmdID, p.deviceID = truncate(c.CmdID), truncate(c.DeviceID)
+		key := payloadKey(payload)
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+		s.cur.owe = key
 		return s.finishRenterLocked(ctx, now, p, false, ReasonInvalid, "")
 	}
 	prev, err := s.commandLocked(ctx, c.CmdID)
+	key := "c:" + c.CmdID
+	if err == nil && prev.Done {
+		if err, retry := s.owedLocked(key); retry {
+			return err
+		}
+	}
+	s.cur.owe = key
 	switch {
 	case err == nil && prev.Done:
 		s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, EventCommandResult, CommandResultData{

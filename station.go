@@ -101,6 +101,16 @@ type Station struct {
 	committing bool
 	seq        uint64
 	cstats     committerStats
+	// durable is the seq up to which every decided change is written.
+	durable uint64
+	// owed holds the cloud messages (by result key; "c:" and a cmd_id for
+	// renter commands; "p:" and a payload hash for a message refused
+	// unread) whose answer waits for the store, their caller told so
+	// (EUNAVAILABLE) and holding them unacknowledged, with the seq of the
+	// answer's last change. While that answer waits, a retry of the same
+	// delivery adds nothing, so an outage does not multiply identical
+	// results (one answer per message, §3.1).
+	owed map[string]uint64
 
 	// deciding is the rental message being decided, if any: see relay.go.
 	deciding decision
@@ -382,9 +392,9 @@ func (s *Station) applyRental(ctx context.Context, payload []byte, relayedBy str
 		s.retryNow() // records waiting for the store go first, if it takes them now
 	}
 	var d decision
-	err, commitErr := s.decide(func() error {
+	err, commitErr := s.decideMessage(func() error {
 		s.deciding = decision{rentalID: truncate(m.RentalID), op: truncate(m.Op), relayedBy: relayedBy, answeredLater: new(bool)}
-		err := s.rentalMessageLocked(ctx, m, perr, relayedBy)
+		err := s.rentalMessageLocked(ctx, m, perr, relayedBy, payload)
 		d, s.deciding = s.deciding, decision{}
 		return err
 	})
@@ -408,7 +418,7 @@ func (s *Station) RenterCommand(ctx context.Context, payload []byte) error {
 	if s.unrecordedN.Load() > 0 {
 		s.retryNow() // records waiting for the store go first, if it takes them now
 	}
-	err, commitErr := s.decide(func() error { return s.renterCommandLocked(ctx, c, perr) })
+	err, commitErr := s.decideMessage(func() error { return s.renterCommandLocked(ctx, c, perr, payload) })
 	return cmp.Or(err, commitErr)
 }
 

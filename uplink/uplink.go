@@ -97,6 +97,13 @@ type Status struct {
 	// max_message_kb on their own, or refused by the cloud connection after
 	// connection (each is logged and released from the outbox).
 	Refused uint64 `json:"refused"`
+	// LiveEvents counts rental and command results also sent ahead of a
+	// draining backlog on the live lane (docs/uplink.md); the in-order
+	// drain sends each again, so the cloud sees them twice.
+	LiveEvents uint64 `json:"live_events"`
+	// DownHeld counts retries of cloud messages the station could not
+	// store (a full disk), held on the connection rather than dropping it.
+	DownHeld uint64 `json:"down_held"`
 }
 
 // Defaults for zero values of edged.UplinkConfig, as in edged.DefaultConfig.
@@ -164,7 +171,7 @@ type topics struct {
 
 // counters are the uplink's figures for Status.
 type counters struct {
-	messages, events, batches, waits, refused atomic.Uint64
+	messages, events, batches, waits, refused, live, downHeld atomic.Uint64
 }
 
 // refusal tracks connections that ended with nothing of theirs
@@ -397,6 +404,8 @@ func (u *Uplink) Status() Status {
 		Batches:        u.sent.batches.Load(),
 		PacingWaits:    u.sent.waits.Load(),
 		Refused:        u.sent.refused.Load(),
+		LiveEvents:     u.sent.live.Load(),
+		DownHeld:       u.sent.downHeld.Load(),
 	}
 	u.mu.Unlock()
 	if u.cfg.Outbox != nil {
@@ -481,7 +490,7 @@ func (u *Uplink) judgeRefusal(s *session, up time.Duration, err error) {
 		return
 	}
 	if u.pubacked == s.startPubacked && !endedByCloud(err) {
-		return // edged ended it (a store that cannot take a grant): no verdict
+		return // edged ended it (a store that failed a grant): no verdict
 	}
 	if u.pubacked != s.startPubacked {
 		if r.capEvents > 0 && u.pubacked >= r.capUntil {

@@ -181,6 +181,8 @@ type UplinkView struct {
 	Batches      uint64 `json:"batches"`
 	PacingWaits  uint64 `json:"pacing_waits"`
 	Refused      uint64 `json:"refused"`
+	LiveEvents   uint64 `json:"live_events"`
+	DownHeld     uint64 `json:"down_held"`
 }
 
 // DeviceCounts is the "devices" of /api/v1/status.
@@ -320,6 +322,7 @@ func (s *Server) status() StatusView {
 			LastAckedSeq: u.LastAckedSeq, Reconnects: u.Reconnects, LastError: u.LastError,
 			Profile: u.Profile, Identity: u.Identity, MessagesSent: u.MessagesSent, EventsSent: u.EventsSent,
 			Batches: u.Batches, PacingWaits: u.PacingWaits, Refused: u.Refused,
+			LiveEvents: u.LiveEvents, DownHeld: u.DownHeld,
 		},
 		Devices:          countDevices(s.cfg.Station.DeviceStates()),
 		Buses:            []BusView{},

@@ -63,6 +63,8 @@ var (
 	mUplinkBatches    = desc("uplink_batches_total", "Event messages sent as batches (batch_events > 1).")
 	mUplinkWaits      = desc("uplink_pacing_waits_total", "Publishes held back by uplink.max_publish_rate.")
 	mUplinkRefused    = desc("uplink_refused_total", "Events the cloud could not take: over max_message_kb, or refused; released unsent.")
+	mUplinkLive       = desc("uplink_live_events_total", "Rental and command results also sent ahead of a draining backlog (the drain sends them again).")
+	mUplinkDownHeld   = desc("uplink_down_held_total", "Retries of cloud messages the station could not store, held on the connection.")
 
 	mRentalsActive  = desc("rentals_active", "Rentals starting or running.")
 	mRentalsStarted = desc("rentals_started_total", "Rentals started since edged started.")
@@ -97,7 +99,7 @@ func (c stationCollector) Describe(ch chan<- *prometheus.Desc) {
 		mBrokerAuthFail, mACLDenials, mBadInput, mThrottled, mRelayDropped, mHTTPAuthFail,
 		mOutboxEvents, mOutboxBytes, mOutboxOldest, mOutboxDropped, mEventsLastSeq,
 		mUplinkState, mUplinkReconnects, mUplinkConnects, mUplinkAcked,
-		mUplinkProfile, mUplinkMessages, mUplinkEvents, mUplinkBatches, mUplinkWaits, mUplinkRefused,
+		mUplinkProfile, mUplinkMessages, mUplinkEvents, mUplinkBatches, mUplinkWaits, mUplinkRefused, mUplinkLive, mUplinkDownHeld,
 		mRentalsActive, mRentalsStarted, mRentalsEnded, mRentalResults, mCommandResults, mUnrentedUse,
 		mCommits, mCommitChanges,
 		mBusPortOpen, mBusOpens, mBusPortErrors, mBusRequests, mBusTimeouts, mBusCRCErrors,
@@ -172,6 +174,8 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(mUplinkBatches, float64(u.Batches))
 	counter(mUplinkWaits, float64(u.PacingWaits))
 	counter(mUplinkRefused, float64(u.Refused))
+	counter(mUplinkLive, float64(u.LiveEvents))
+	counter(mUplinkDownHeld, float64(u.DownHeld))
 
 	gauge(mRentalsActive, float64(len(s.cfg.Station.ActiveRentals())))
 	st := s.cfg.Station.Stats()

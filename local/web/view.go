@@ -26,8 +26,9 @@ type UplinkStatus struct {
 	Profile, Identity string
 	// MessagesSent, EventsSent and Batches count what went up; PacingWaits
 	// publishes held back by the rate; Refused events the cloud could not
-	// take.
-	MessagesSent, EventsSent, Batches, PacingWaits, Refused uint64
+	// take; LiveEvents results also sent ahead of a draining backlog;
+	// DownHeld retries of cloud messages the store could not take.
+	MessagesSent, EventsSent, Batches, PacingWaits, Refused, LiveEvents, DownHeld uint64
 }
 
 // BusHealth is an RS-485 bus's figures, mirroring serial.BusHealth with the
