@@ -262,11 +262,11 @@ type outboxStatser interface {
 
 // uplinkStatus is the uplink's status, "disabled" with the store's outbox
 // figures when there is no uplink.
-func (s *Server) uplinkStatus() UplinkStatus {
+func (s *Server) uplinkStatus() edged.UplinkStatus {
 	if s.cfg.Uplink != nil {
 		return s.cfg.Uplink()
 	}
-	u := UplinkStatus{State: "disabled"}
+	u := edged.UplinkStatus{State: "disabled"}
 	if o, ok := s.cfg.Store.(outboxStatser); ok {
 		u.Outbox = o.OutboxStats(s.cfg.Clock.Now())
 	}

@@ -142,7 +142,7 @@ func TestStatusHasTheContractShape(t *testing.T) {
 	}
 	since := time.Date(2026, 11, 27, 9, 0, 0, 0, time.UTC)
 	s.src.set(func(f *fakeSources) {
-		f.uplink = web.UplinkStatus{State: "connected", ConnectedSince: since, Reconnects: 2,
+		f.uplink = edged.UplinkStatus{State: "connected", ConnectedSince: since, Reconnects: 2,
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3, LastSeq: 99}}
 		f.buses = []web.BusHealth{{Name: "bus0", Port: "/dev/ttyUSB0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 1,
 			Devices: []web.DeviceHealth{{DeviceID: "charger-7", Unit: 7, State: "offline"}}}}
@@ -205,7 +205,7 @@ func TestStatusHasTheContractShape(t *testing.T) {
 	}
 
 	// Disconnected: connected_since is null, not a zero time.
-	s.src.set(func(f *fakeSources) { f.uplink = web.UplinkStatus{State: "connecting"} })
+	s.src.set(func(f *fakeSources) { f.uplink = edged.UplinkStatus{State: "connecting"} })
 	s.get("/api/v1/status", &got)
 	if got.Uplink.State != "connecting" || got.Uplink.ConnectedSince != nil {
 		t.Errorf("uplink while connecting = %+v", got.Uplink)
@@ -501,7 +501,7 @@ func TestMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.src.set(func(f *fakeSources) {
-		f.uplink = web.UplinkStatus{State: "connecting", Reconnects: 4, Connects: 5,
+		f.uplink = edged.UplinkStatus{State: "connecting", Reconnects: 4, Connects: 5,
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3}}
 		f.buses = []web.BusHealth{{Name: "bus0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 2}}
 		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5, AuthFailures: 6, ACLDenials: 7, BadInput: 8, RelayDropped: 9}

@@ -72,13 +72,13 @@ func (f *fakeDevices) last(id, action string) (edged.DeviceCommand, bool) {
 // server runs.
 type fakeSources struct {
 	mu     sync.Mutex
-	uplink web.UplinkStatus
+	uplink edged.UplinkStatus
 	buses  []web.BusHealth
 	broker edged.BrokerStats
 	health error
 }
 
-func (f *fakeSources) Uplink() web.UplinkStatus {
+func (f *fakeSources) Uplink() edged.UplinkStatus {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.uplink
@@ -173,7 +173,7 @@ func newStation(t *testing.T, opts ...stationOpt) *station {
 		f(&o)
 	}
 	s := &station{t: t, dev: &fakeDevices{}, log: &syncBuffer{}, bodies: &syncBuffer{}, users: o.users,
-		src: &fakeSources{uplink: web.UplinkStatus{State: "connecting"}}, started: time.Now()}
+		src: &fakeSources{uplink: edged.UplinkStatus{State: "connecting"}}, started: time.Now()}
 	db, err := store.Open(filepath.Join(t.TempDir(), "edged.db"), store.Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -39,7 +39,7 @@ type Config struct {
 	// Store gives events and rentals of the past.
 	Store edged.Store
 	// Uplink reports the cloud link; nil means offline-only operation.
-	Uplink func() UplinkStatus
+	Uplink func() edged.UplinkStatus
 	// Buses reports the RS-485 buses; nil means there are none.
 	Buses func() []BusHealth
 	// Broker reports the local broker's counters; nil means none.
