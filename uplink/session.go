@@ -35,10 +35,13 @@ type session struct {
 	// published is the Version of each device's state as last published on
 	// this connection; due holds devices whose state moved since.
 	published map[string]uint64
-	renterOf  map[string]string // device -> renter topic last published to
-	due       []edged.DeviceState
-	buf       []edged.Event // events read from the outbox, not yet sent
-	sentUpTo  uint64        // highest seq handed to paho on this connection
+	// statesAt is the StateSource version the states read so far are
+	// current as of; zero until every state was read once.
+	statesAt uint64
+	renterOf map[string]string // device -> renter topic last published to
+	due      []edged.DeviceState
+	buf      []edged.Event // events read from the outbox, not yet sent
+	sentUpTo uint64        // highest seq handed to paho on this connection
 
 	// startPubacked is u.pubacked when the connection came up; first is
 	// the first events message of the connection (head seq, last seq,
@@ -712,12 +715,21 @@ func appendJSON(b []byte, v any) ([]byte, error) {
 	return append(b, j...), err
 }
 
-// refreshStates reads the latest device states and queues those whose
+// refreshStates reads the device states changed since the last read
+// (every state, the first time on a connection) and queues those whose
 // Version moved since they were last published on this connection.
 // Coalescing happens here: however many changes came meanwhile, a device is
 // queued once, with its newest state.
 func (s *session) refreshStates() {
-	states := s.u.cfg.States.DeviceStates()
+	var states []edged.DeviceState
+	if s.statesAt == 0 {
+		states = s.u.cfg.States.DeviceStates()
+		for _, st := range states {
+			s.statesAt = max(s.statesAt, st.Version)
+		}
+	} else {
+		states, s.statesAt = s.u.cfg.States.ChangedSince(s.statesAt)
+	}
 	queued := make(map[string]int, len(s.due))
 	for i, d := range s.due {
 		queued[d.DeviceID] = i

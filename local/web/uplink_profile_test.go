@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/stationedge/edged/local/web"
+	"github.com/stationedge/edged"
 )
 
 // The cloud profile and the uplink's counters show in /api/v1/status and
@@ -13,7 +13,7 @@ import (
 func TestUplinkProfileFigures(t *testing.T) {
 	s := newStation(t)
 	s.src.set(func(f *fakeSources) {
-		f.uplink = web.UplinkStatus{State: "connected", Profile: "aliyun", Identity: "a1pk/st01",
+		f.uplink = edged.UplinkStatus{State: "connected", Profile: "aliyun", Identity: "a1pk/st01",
 			MessagesSent: 21, EventsSent: 3000, Batches: 15, PacingWaits: 4, Refused: 1, LiveEvents: 2, DownHeld: 3}
 	})
 	var got struct {
