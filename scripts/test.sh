@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test of edged, installing what the tests need when it is
-# missing (Debian's mosquitto, chromium, debootstrap, lintian). It is the
+# missing (Debian's mosquitto, chromium, debootstrap, lintian, python3-paho-mqtt). It is the
 # README's test command and what CI runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,9 @@ command -v chromium >/dev/null || need+=(chromium)
 command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 command -v lintian >/dev/null || need+=(lintian)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# examples/relay.py, the device makers' reference relay, is run by the tests
+# with Debian's python3 and paho-mqtt.
+/usr/bin/python3 -c 'import paho.mqtt.client' 2>/dev/null || need+=(python3 python3-paho-mqtt)
 if [ ${#need[@]} -gt 0 ]; then
 	echo "installing ${need[*]}"
 	sudo_cmd=()
