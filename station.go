@@ -98,6 +98,8 @@ type Station struct {
 	queued    queuedRecords
 	retryAt   time.Time
 	retryWait time.Duration
+
+	devs deviceList // the list's changes at run time: devicelist.go
 }
 
 // maxUnrecorded bounds the changes kept in memory while the store cannot
@@ -382,6 +384,7 @@ func (s *Station) Tick(ctx context.Context) time.Time {
 	now := s.clock.Now()
 	s.retryLocked(ctx, now)
 	s.expireLocked(ctx, now)
+	s.sweepRetiringLocked()
 	if len(s.live) > 0 && now.Sub(s.lastCheckpoint) >= CheckpointInterval {
 		s.checkpointLocked(ctx, now)
 	}
@@ -1016,7 +1019,7 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 		// The grant and its refusal wait in memory; the message is not
 		// acknowledged until they are durable.
 		return refuse(ReasonUnavailable, true)
-	case !ok:
+	case !ok || s.devs.retiring[m.DeviceID]:
 		return refuse(ReasonUnknownDevice, true)
 	case rec.state.Maintenance:
 		return refuse(ReasonMaintenance, true)
