@@ -204,7 +204,7 @@ func endedByCloud(err error) bool {
 
 func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 	u := s.u
-	sub := client.SubscribeMultiple(map[string]byte{u.topics.downRentals: 1, u.topics.downCommands: 1}, nil)
+	sub := client.SubscribeMultiple(u.downTopics(), nil)
 	if err := s.wait(ctx, sub, u.ackTimeout()); err != nil {
 		return fmt.Errorf("subscribe: %w", err)
 	}
@@ -808,6 +808,8 @@ func (s *session) handleDown() {
 			err = h.Rental(s.ctx, m.Payload())
 		case s.u.topics.downCommands:
 			err = h.RenterCommand(s.ctx, m.Payload())
+		case s.u.topics.downRegistry:
+			err = s.u.cfg.Registry.Registry(s.ctx, m.Payload())
 		default:
 			// Not ours (a stale subscription of this client id): drop it,
 			// or the broker would redeliver it forever.
