@@ -150,3 +150,6 @@ func (b *Bus) device(id string) *device {
 }
 
 var _ edged.DeviceSet = (*Bus)(nil)
+
+// Name is the bus's name in serial.buses.
+func (b *Bus) Name() string { return b.cfg.Bus.Name }

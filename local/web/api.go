@@ -60,7 +60,10 @@ func (s *Server) routes() http.Handler {
 		}
 		writeError(w, code, http.StatusText(code))
 	})
-	h = s.auth.wrap(h)
+	inner := h
+	h = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.auth.Load().wrap(inner).ServeHTTP(w, r) // the users of this moment
+	})
 	cop := http.NewCrossOriginProtection()
 	cop.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "cross-origin request refused")
@@ -323,7 +326,7 @@ func (s *Server) status() StatusView {
 		},
 		Devices:          countDevices(s.cfg.Station.DeviceStates()),
 		Buses:            []BusView{},
-		HTTPAuthFailures: s.auth.Failures(),
+		HTTPAuthFailures: s.auth.Load().Failures(),
 	}
 	v.Rentals.Active = len(s.cfg.Station.ActiveRentals())
 	for _, b := range s.buses() {

@@ -145,7 +145,7 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(mBadInput, float64(b.BadInput))
 		counter(mThrottled, float64(b.Throttled))
 	}
-	counter(mHTTPAuthFail, float64(s.auth.Failures()))
+	counter(mHTTPAuthFail, float64(s.auth.Load().Failures()))
 
 	u := s.uplinkStatus()
 	gauge(mOutboxEvents, float64(u.Outbox.Events))

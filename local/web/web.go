@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -70,7 +71,7 @@ const (
 type Server struct {
 	cfg     Config
 	log     *slog.Logger
-	auth    *authenticator
+	auth    atomic.Pointer[authenticator] // swapped whole by SetUsers
 	reg     *prometheus.Registry
 	handler http.Handler
 	srv     *http.Server
@@ -123,7 +124,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.StartedAt = cfg.Clock.Now()
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger}
-	s.auth = newAuthenticator(cfg.Users, s.log)
+	s.auth.Store(newAuthenticator(cfg.Users, s.log))
 	s.reg = s.newRegistry()
 	s.handler = s.routes()
 	s.srv = &http.Server{
