@@ -181,9 +181,10 @@ func (m *Main) Run(ctx context.Context) error {
 				}
 				return out
 			},
-			Broker:    func() web.BrokerStats { return web.BrokerStats(broker.Stats()) },
-			Healthy:   m.Healthy,
-			StationID: cfg.Station.ID, StationName: cfg.Station.Name, Version: edged.Version,
+			Broker:     func() web.BrokerStats { return web.BrokerStats(broker.Stats()) },
+			DeviceList: m.deviceListView,
+			Healthy:    m.Healthy,
+			StationID:  cfg.Station.ID, StationName: cfg.Station.Name, Version: edged.Version,
 			StartedAt: m.StartedAt, Logger: log.With("system", "http"),
 		})
 		if err != nil {

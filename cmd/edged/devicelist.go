@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/stationedge/edged"
+	"github.com/stationedge/edged/local/web"
 	"github.com/stationedge/edged/systemd"
 	"go.yaml.in/yaml/v3"
 )
@@ -424,4 +425,14 @@ func readDeviceList(data []byte) ([]registryEntry, error) {
 		devs = []registryEntry{}
 	}
 	return devs, nil
+}
+
+// deviceListView is Source as the status page takes it.
+func (m *Main) deviceListView() web.DeviceListView {
+	s := m.Source()
+	v := web.DeviceListView{From: s.From, Version: s.Version, AppliedAt: s.AppliedAt}
+	if r := s.LastRefusal; r != nil {
+		v.LastRefusal = &web.RefusalView{At: r.At, What: r.What, Version: r.Version, Reason: r.Reason, Errors: r.Errors}
+	}
+	return v
 }

@@ -254,6 +254,27 @@ type StatusView struct {
 	Buses            []BusView   `json:"buses"`
 	Broker           *BrokerView `json:"broker,omitempty"`
 	HTTPAuthFailures uint64      `json:"http_auth_failures"`
+	// DeviceList is where the device list came from (§3.6, §9).
+	DeviceList *DeviceListView `json:"device_list,omitempty"`
+}
+
+// DeviceListView is where the device list came from: "config" or
+// "registry" (with its version), when it was applied, and the last
+// reload or registry refused, with its reason.
+type DeviceListView struct {
+	From        string       `json:"from"`
+	Version     uint64       `json:"version,omitempty"`
+	AppliedAt   time.Time    `json:"applied_at"`
+	LastRefusal *RefusalView `json:"last_refusal,omitempty"`
+}
+
+// RefusalView is a refused reload or registry.
+type RefusalView struct {
+	At      time.Time `json:"at"`
+	What    string    `json:"what"`
+	Version uint64    `json:"version,omitempty"`
+	Reason  string    `json:"reason"`
+	Errors  []string  `json:"errors,omitempty"`
 }
 
 // outboxStatser is what a Store that is also the outbox offers.
@@ -340,6 +361,10 @@ func (s *Server) status() StatusView {
 				PollPeriodS: d.PollPeriod.Seconds(), LastError: d.LastError})
 		}
 		v.Buses = append(v.Buses, bv)
+	}
+	if s.cfg.DeviceList != nil {
+		dl := s.cfg.DeviceList()
+		v.DeviceList = &dl
 	}
 	if s.cfg.Broker != nil {
 		b := s.cfg.Broker()

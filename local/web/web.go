@@ -43,6 +43,9 @@ type Config struct {
 	Buses func() []BusHealth
 	// Broker reports the local broker's counters; nil means none.
 	Broker func() BrokerStats
+	// DeviceList says where the device list came from and the last
+	// refused reload or registry; nil means the config, never reloaded.
+	DeviceList func() DeviceListView
 	// Healthy is nil while the store is writable and the broker is
 	// serving (/healthz); nil means always healthy.
 	Healthy func() error
