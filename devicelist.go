@@ -418,3 +418,18 @@ type RegistryStore interface {
 func (d DeviceDiff) String() string {
 	return fmt.Sprintf("added %d, removed %d, changed %d", len(d.Added), len(d.Removed), len(d.Changed))
 }
+
+// RetiringDevices returns the entries of the retiring devices. The daemon
+// keeps them in its store, so a restart while a removed device's rental
+// runs resumes that rental instead of ending it.
+func (s *Station) RetiringDevices() []Device {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Device
+	for _, id := range s.order {
+		if s.devs.retiring[id] {
+			out = append(out, s.devices[id].dev)
+		}
+	}
+	return out
+}

@@ -146,6 +146,7 @@ func (m *Main) Run(ctx context.Context) error {
 		}
 		m.goRun(runCtx, "serial "+b.Name, bus.Run)
 	}
+	m.settleDevices(ctx)
 	if err := broker.Start(runCtx); err != nil {
 		return fmt.Errorf("local broker: %w", err)
 	}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -28,6 +29,9 @@ type deviceLists struct {
 	// devices, profiles and users of every reload since.
 	running edged.Config
 	applied *edged.AppliedRegistry // the registry in force, nil when none
+	// settle is the list to apply once the parts are built, when removed
+	// devices with rentals were restored beside it (startDevices).
+	settle []edged.Device
 
 	stMu   sync.Mutex // guards source
 	source DeviceSource
@@ -73,8 +77,48 @@ func (m *Main) setSource(f func(*DeviceSource)) {
 
 // startDevices decides the device list edged starts with: with
 // devices_from cloud, the applied registry kept in the store replaces the
-// config file's devices.
+// config file's devices. Removed devices whose rentals still ran at the
+// last stop come back beside the list, so the station resumes those
+// rentals; settleDevices then removes them again, as retiring.
 func (m *Main) startDevices(ctx context.Context, cfg edged.Config) []edged.Device {
+	list := m.listAtStart(ctx, cfg)
+	retiring, err := m.Store.Retiring(ctx)
+	if err != nil {
+		m.Logger.Error("removed devices with rentals unreadable: their rentals end now", "err", err)
+	}
+	out := slices.Clone(list)
+	for _, r := range retiring {
+		if !slices.ContainsFunc(list, func(d edged.Device) bool { return d.ID == r.ID }) {
+			out = append(out, r)
+		}
+	}
+	if len(out) > len(list) {
+		m.devs.settle = list
+		if m.devs.settle == nil {
+			m.devs.settle = []edged.Device{}
+		}
+	}
+	return out
+}
+
+// settleDevices removes again the devices startDevices restored for their
+// rentals; call it once the station is open and the links are built.
+func (m *Main) settleDevices(ctx context.Context) {
+	if m.devs.settle == nil {
+		return
+	}
+	m.devs.mu.Lock()
+	defer m.devs.mu.Unlock()
+	d, err := m.applyDevices(ctx, m.devs.settle, nil)
+	if err != nil {
+		m.Logger.Error("restored removed devices", "err", err)
+	}
+	m.devs.settle = nil
+	m.Logger.Info("removed devices kept until their rentals end", "retiring", len(d.Retiring))
+}
+
+// listAtStart is the device list of the config, or of the stored registry.
+func (m *Main) listAtStart(ctx context.Context, cfg edged.Config) []edged.Device {
 	m.devs.running = cfg
 	m.devs.source = DeviceSource{From: "config", AppliedAt: m.StartedAt}
 	if cfg.DevicesFrom != edged.DevicesFromCloud {
@@ -108,9 +152,17 @@ func (m *Main) startDevices(ctx context.Context, cfg edged.Config) []edged.Devic
 // profiles; a serial device whose profile changed is applied as changed.
 // Call with m.devs.mu held.
 func (m *Main) applyDevices(ctx context.Context, devs []edged.Device, profiles map[string]edged.Profile) (edged.DeviceDiff, error) {
+	// The devices this change removes are kept in the store first: one
+	// still rented when edged stops must come back to end its rental.
+	if pre := edged.DiffDevices(m.Station.Devices(), devs); len(pre.Removed) > 0 {
+		m.saveRetiring(ctx, append(m.Station.RetiringDevices(), pre.Removed...))
+	}
 	d, err := m.Station.ApplyDevices(ctx, devs)
 	if err != nil {
 		return d, err
+	}
+	if len(d.Removed) > 0 {
+		m.saveRetiring(ctx, m.Station.RetiringDevices())
 	}
 	links := d
 	if profiles != nil {
@@ -147,6 +199,15 @@ func (m *Main) applyLinks(ctx context.Context, d edged.DeviceDiff) {
 	}
 }
 
+// saveRetiring keeps devs as the removed devices to restore at start; a
+// failure is logged: it costs only the rentals of those devices, ended at
+// the next start instead of resumed.
+func (m *Main) saveRetiring(ctx context.Context, devs []edged.Device) {
+	if err := m.Store.SaveRetiring(ctx, devs); err != nil {
+		m.Logger.Warn("removed devices with rentals not saved", "err", err)
+	}
+}
+
 // retireLoop drops from the links the removed devices the station let go:
 // their rental ended and its stop was delivered.
 func (m *Main) retireLoop(ctx context.Context) error {
@@ -162,6 +223,7 @@ func (m *Main) retireLoop(ctx context.Context) error {
 		}
 		m.devs.mu.Lock()
 		m.applyLinks(ctx, edged.DeviceDiff{Removed: gone})
+		m.saveRetiring(ctx, m.Station.RetiringDevices())
 		m.devs.mu.Unlock()
 	}
 }

@@ -383,3 +383,27 @@ func TestRegistryOverMosquitto(t *testing.T) {
 		t.Errorf("registry 3 after the restart: %v, want stale", got)
 	}
 }
+
+// A removed device's rental survives a SIGKILL: after the restart the
+// device may come back for it, and it ends on time with its stop.
+func TestRemovedDeviceRentalSurvivesRestart(t *testing.T) {
+	base := []entry{{"chair-rm", testHash}, {"chair-x", testHash}}
+	s := startListStation(t, "", base)
+	rm := s.device("chair-rm", nil)
+	s.device("chair-x", nil)
+	s.grant("r1", "chair-rm", 8)
+	s.cloud.waitData(t, edged.EventRentalStarted, func(d map[string]any) bool { return d["rental_id"] == "r1" })
+	s.write(base[1:], "")
+	s.hup()
+	s.grant("r2", "chair-rm", 60)
+	if r := s.waitResults("r2", "grant", 1); r[0]["reason"] != "unknown_device" {
+		t.Fatalf("grant on a removed device: %v, want unknown_device", r[0])
+	}
+	s.powerLoss(rm)
+	ended := s.cloud.waitData(t, edged.EventRentalEnded, func(d map[string]any) bool { return d["rental_id"] == "r1" })
+	if ended["reason"] != "expired" {
+		t.Errorf("r1 ended %v across a restart, want expired", ended)
+	}
+	waitStops(t, rm, "r1", 1, 15*time.Second)
+	waitFor(t, "chair-rm refused after its stop", func() bool { return s.refused("chair-rm", "secret") })
+}
