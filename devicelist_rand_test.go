@@ -28,7 +28,9 @@ func TestDeviceListChangesRandom(t *testing.T) {
 func randomListRun(t *testing.T, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, 15))
 	universe := []string{"d0", "d1", "d2", "d3", "d4", "d5"}
-	dev := func(id string) edged.Device { return edged.Device{ID: id, Kind: "chair", Transport: edged.TransportMQTT} }
+	dev := func(id string) edged.Device {
+		return edged.Device{ID: id, Kind: "chair", Transport: edged.TransportMQTT}
+	}
 	h := newHarness(t, func(o *edged.StationOptions) { o.Devices = []edged.Device{dev("d0"), dev("d1"), dev("d2")} })
 	list := []string{"d0", "d1", "d2"}
 	online := func() {
@@ -52,7 +54,7 @@ func randomListRun(t *testing.T, seed uint64) {
 		}
 	}
 	online()
-	granted := map[string]int{}       // rental id -> duration_s
+	granted := map[string]int{}        // rental id -> duration_s
 	listedAtGrant := map[string]bool{} // rental id -> device in the list when granted
 	version := 0
 	for step := range 300 {
