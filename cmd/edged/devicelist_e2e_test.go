@@ -407,3 +407,38 @@ func TestRemovedDeviceRentalSurvivesRestart(t *testing.T) {
 	waitStops(t, rm, "r1", 1, 15*time.Second)
 	waitFor(t, "chair-rm refused after its stop", func() bool { return s.refused("chair-rm", "secret") })
 }
+
+// sign-registry reads a YAML list and prints a message edged accepts: the
+// signature verifies, and the devices string parses and validates.
+func TestSignRegistry(t *testing.T) {
+	keyFile := filepath.Join(t.TempDir(), "key")
+	var pubOut, out, errOut strings.Builder
+	if err := run(t.Context(), []string{"keygen", "-out", keyFile}, nil, &pubOut, &errOut); err != nil {
+		t.Fatal(err)
+	}
+	pub, err := edged.ParseVerifyKey(strings.TrimSpace(pubOut.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	list := "- {id: chair-001, kind: chair, transport: mqtt, secret_hashes: [\"" + testHash + "\"]}\n"
+	if err := run(t.Context(), []string{"sign-registry", "-key", keyFile, "-station", "mall-1", "-version", "3"},
+		strings.NewReader(list), &out, &errOut); err != nil {
+		t.Fatal(err)
+	}
+	m, err := edged.ParseRegistryMessage([]byte(out.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Version != 3 || edged.VerifyRegistry(pub, "mall-1", m) != nil {
+		t.Fatalf("message %+v does not verify for mall-1 version 3", m)
+	}
+	cfg := edged.DefaultConfig()
+	devs, _, why := parseRegistryDevices(cfg, m.Devices)
+	if why != "" || len(devs) != 1 || devs[0].ID != "chair-001" || len(devs[0].Hashes()) != 1 {
+		t.Fatalf("devices %q: %v %s", m.Devices, devs, why)
+	}
+	if err := run(t.Context(), []string{"sign-registry", "-key", keyFile, "-station", "mall-1", "-version", "4"},
+		strings.NewReader("- {id: x, colour: red}\n"), &out, &errOut); err == nil {
+		t.Error("an unknown key was signed")
+	}
+}
