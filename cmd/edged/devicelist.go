@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"reflect"
 	"regexp"
 	"slices"
@@ -246,7 +247,7 @@ func (m *Main) Reload(ctx context.Context) error {
 		check := old
 		check.Profiles = cfg.Profiles
 		if fes := check.ValidateDevices(cfg.Devices, "devices"); len(fes) > 0 {
-			err = fmt.Errorf("%s: %w (serial.buses need a restart)", m.ConfigPath, fes)
+			err = m.withLines(fes, "(serial.buses change at the next restart)")
 		}
 	}
 	if err != nil {
@@ -289,6 +290,20 @@ func (m *Main) Reload(ctx context.Context) error {
 	log.Info("config reloaded", "added", len(d.Added), "removed", len(d.Removed), "changed", len(d.Changed),
 		"retiring", len(d.Retiring))
 	return nil
+}
+
+// withLines turns errors found against the running config into the
+// config file's errors with their lines.
+func (m *Main) withLines(fes edged.ConfigErrors, note string) error {
+	ce := &configErrors{File: m.ConfigPath}
+	var root yaml.Node
+	data, _ := os.ReadFile(m.ConfigPath)
+	_ = yaml.Unmarshal(data, &root)
+	idx := indexNode(&root)
+	for _, fe := range fes {
+		ce.Errs = append(ce.Errs, configError{Line: idx.line(fe.Path), Path: fe.Path, Message: fe.Message + " " + note})
+	}
+	return ce
 }
 
 // restartKeys names the top-level keys (http.listen apart) that differ
