@@ -5,10 +5,12 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -38,8 +40,9 @@ func (e entry) json() map[string]any {
 // config file the test rewrites.
 type listStation struct {
 	*binStation
-	head string             // the config up to its devices
-	key  ed25519.PrivateKey // signs grants when rentals.verify_key is set
+	head   string             // the config up to its devices
+	key    ed25519.PrivateKey // signs grants when rentals.verify_key is set
+	notify *notifySocket
 }
 
 // grant publishes a grant, signed when the station wants signatures.
@@ -76,8 +79,54 @@ func startListStation(t *testing.T, extra string, devs []entry) *listStation {
 		}
 	})
 	s.cloud = newCloudClient(t, cloud)
+	s.notify = listenNotify(t)
 	s.d = startDaemon(t, bin, s.config, local, s.logPath)
 	return s
+}
+
+// notifySocket records what edged tells systemd (NOTIFY_SOCKET).
+type notifySocket struct {
+	path string
+	mu   sync.Mutex
+	msgs []string
+}
+
+// listenNotify makes edged's children of this test report to a socket:
+// startDaemon passes the environment on.
+func listenNotify(t *testing.T) *notifySocket {
+	path := filepath.Join(t.TempDir(), "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	n := &notifySocket{path: path}
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			k, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			n.mu.Lock()
+			n.msgs = append(n.msgs, string(buf[:k]))
+			n.mu.Unlock()
+		}
+	}()
+	t.Setenv("NOTIFY_SOCKET", path)
+	return n
+}
+
+// said reports whether edged sent a message containing sub.
+func (n *notifySocket) said(sub string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, m := range n.msgs {
+		if strings.Contains(m, sub) {
+			return true
+		}
+	}
+	return false
 }
 
 // write writes the config file with devs and more lines after the head.
@@ -264,6 +313,7 @@ func TestReloadOnSIGHUP(t *testing.T) {
 		r, _ := dl["last_refusal"].(map[string]any)
 		return r != nil && r["what"] == "reload" && strings.Contains(fmt.Sprint(r["errors"]), "secret_hash")
 	})
+	waitFor(t, "the refusal in STATUS=", func() bool { return s.notify.said("STATUS=") && s.notify.said("reload refused (invalid)") })
 	log, _ := os.ReadFile(s.logPath)
 	if !strings.Contains(string(log), "reload refused") || !strings.Contains(string(log), "edged.yaml:") {
 		t.Error("the refusal and its line are not in the log")
