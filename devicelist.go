@@ -234,6 +234,15 @@ func (s *Station) ApplyDevices(ctx context.Context, next []Device) (DeviceDiff, 
 	return d, nil
 }
 
+// known reports whether a device is the station's (retiring included). It
+// takes the lock: ApplyDevices changes the device map while readers run.
+func (s *Station) known(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.devices[id]
+	return ok
+}
+
 // updateDeviceLocked gives a kept device its new entry; state and rental
 // stay.
 func (s *Station) updateDeviceLocked(rec *deviceRecord, d Device, now time.Time) {

@@ -2,6 +2,7 @@ package edged_test
 
 import (
 	"crypto/ed25519"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -180,5 +181,33 @@ func TestRegistrySignature(t *testing.T) {
 		if err := edged.VerifyRegistry(pub, st, bad); edged.ErrorReason(err) != edged.ReasonBadSignature {
 			t.Errorf("%s: %v, want bad_signature", name, err)
 		}
+	}
+}
+
+// Device reports keep arriving while lists change (run with -race).
+func TestApplyDevicesWhileDevicesReport(t *testing.T) {
+	h := newHarness(t)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 500 {
+			id := fmt.Sprintf("chair-%d", 1+i%4)
+			_ = h.st.DeviceEvent(ctx, id, []byte(`{"type":"x"}`))
+			_ = h.st.DeviceTelemetry(ctx, id, map[string]any{"n": i})
+			_ = h.st.DeviceStates()
+		}
+	}()
+	lists := [][]edged.Device{
+		{{ID: "chair-1", Kind: "chair", Transport: edged.TransportMQTT}, {ID: "chair-4", Kind: "chair", Transport: edged.TransportMQTT}},
+		{{ID: "chair-2", Kind: "chair", Transport: edged.TransportMQTT}, {ID: "chair-3", Kind: "chair", Transport: edged.TransportMQTT}},
+	}
+	for i := range 200 {
+		if _, err := h.st.ApplyDevices(ctx, lists[i%2]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-done
+	if got := len(h.st.Devices()); got != 2 {
+		t.Fatalf("%d devices, want 2", got)
 	}
 }

@@ -1414,7 +1414,7 @@ func (s *Station) DeviceLocation(ctx context.Context, deviceID string, l Locatio
 // fails with EUNAVAILABLE, so the device is not acknowledged and the event
 // does not overtake them.
 func (s *Station) DeviceEvent(ctx context.Context, deviceID string, event []byte) error {
-	if _, ok := s.devices[deviceID]; !ok { // devices is not modified after NewStation
+	if !s.known(deviceID) {
 		return Errorf(ENOTFOUND, "unknown device %q", deviceID)
 	}
 	if n := s.unrecordedN.Load(); n > 0 {
