@@ -275,7 +275,7 @@ func (m *Main) Reload(ctx context.Context) error {
 	devs := m.devs.running.Devices
 	if old.DevicesFrom != edged.DevicesFromCloud {
 		devs = cfg.Devices
-	} else if !reflect.DeepEqual(old.Devices, cfg.Devices) {
+	} else if !reflect.DeepEqual(m.Config.Devices, cfg.Devices) {
 		log.Info("devices in the config file are ignored: devices_from is cloud")
 	}
 	d, err := m.applyDevices(ctx, devs, cfg.Profiles)
