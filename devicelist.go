@@ -216,7 +216,7 @@ func (s *Station) ApplyDevices(ctx context.Context, next []Device) (DeviceDiff, 
 			s.log.Info("device removed: kept until its rental ends and its stop is delivered", "device", r.ID)
 			continue
 		}
-		delete(s.devices, r.ID)
+		s.forgetLocked(rec)
 	}
 	order := make([]string, 0, len(s.devices))
 	for _, n := range next {
@@ -232,15 +232,6 @@ func (s *Station) ApplyDevices(ctx context.Context, next []Device) (DeviceDiff, 
 	s.log.Info("device list applied", "added", len(d.Added), "removed", len(d.Removed),
 		"changed", len(d.Changed), "retiring", len(d.Retiring))
 	return d, nil
-}
-
-// known reports whether a device is the station's (retiring included). It
-// takes the lock: ApplyDevices changes the device map while readers run.
-func (s *Station) known(id string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	_, ok := s.devices[id]
-	return ok
 }
 
 // updateDeviceLocked gives a kept device its new entry; state and rental
@@ -299,7 +290,7 @@ func (s *Station) sweepRetiringLocked() {
 		if rec == nil {
 			continue
 		}
-		delete(s.devices, id)
+		s.forgetLocked(rec)
 		s.order = slices.DeleteFunc(s.order, func(o string) bool { return o == id })
 		s.devs.gone = append(s.devs.gone, rec.dev)
 		s.log.Info("removed device gone: its rental ended and its stop was delivered", "device", id)
@@ -322,13 +313,40 @@ func (s *Station) sweepRetiringLocked() {
 // write (the event then waits in memory and is written once it can).
 func (s *Station) RecordEvent(ctx context.Context, t EventType, data any) error {
 	ctx = context.WithoutCancel(ctx)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	now := s.clock.Now()
-	if err := s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, t, data)}}); err != nil {
-		return &Error{Code: EUNAVAILABLE, Reason: ReasonUnavailable, Message: "event waits for the store", Err: err}
+	_, cerr := s.decide(func() error {
+		now := s.clock.Now()
+		s.commitLocked(ctx, now, Change{Events: []Event{s.event(now, t, data)}})
+		return nil
+	})
+	if cerr != nil {
+		return &Error{Code: EUNAVAILABLE, Reason: ReasonUnavailable, Message: "event waits for the store", Err: cerr}
 	}
 	return nil
+}
+
+// forgetLocked drops a device's record: out of the map and out of the
+// change list that ChangedSince walks.
+func (s *Station) forgetLocked(rec *deviceRecord) {
+	delete(s.devices, rec.dev.ID)
+	s.changes.remove(rec)
+}
+
+// remove unlinks r, if linked.
+func (l *changeList) remove(r *deviceRecord) {
+	if r.prev == nil && l.head != r {
+		return // not linked
+	}
+	if r.prev != nil {
+		r.prev.next = r.next
+	} else {
+		l.head = r.next
+	}
+	if r.next != nil {
+		r.next.prev = r.prev
+	} else {
+		l.tail = r.prev
+	}
+	r.prev, r.next = nil, nil
 }
 
 // EventRegistryResult answers every registry version (§3.3, §3.6).

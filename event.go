@@ -54,6 +54,9 @@ type RentalResultData struct {
 	DurationS int64  `json:"duration_s,omitempty"`
 	OK        bool   `json:"ok"`
 	Reason    Reason `json:"reason,omitempty"`
+	// Via is ViaDevice when the message answered was relayed by its device
+	// (§2, §3.3).
+	Via string `json:"via,omitempty"`
 }
 
 // RentalStartedData is the data of a rental.started event.

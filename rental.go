@@ -41,6 +41,8 @@ type Rental struct {
 	CheckpointSynced bool `json:"checkpoint_synced"`
 	// StartCmdID is the cmd_id of the start command awaiting its ack.
 	StartCmdID string `json:"start_cmd_id,omitempty"`
+	// Via is ViaDevice for a grant relayed by its device (§2), else empty.
+	Via string `json:"via,omitempty"`
 }
 
 // Remaining is the time the rental still has to run, given how long it has

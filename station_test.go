@@ -655,6 +655,77 @@ func TestStoreFailureIsNotAcknowledged(t *testing.T) {
 	h.ack("chair-1", "start", true)
 }
 
+// The uplink retries a message the store could not take (it holds it
+// unacknowledged): a retry while its answer waits in memory adds no second
+// one, so three retries during the outage leave one answer each; the retry
+// after the store recovered is acknowledged with the answer re-reported,
+// as any redelivery. A message answered before the outage (its re-report
+// waiting) is treated the same.
+func TestRetriesWhileStoreCannotWriteAnswerOnce(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.rental(grant("r0", "chair-1", "a", 60))
+	h.ack("chair-1", "start", true)
+	seq := h.lastSeq()
+	h.store.setFail(edged.Errorf(edged.EUNAVAILABLE, "disk full"))
+	try := func(op string, b []byte) {
+		t.Helper()
+		var err error
+		if op == "command" {
+			err = h.st.RenterCommand(ctx, b)
+		} else {
+			err = h.st.Rental(ctx, b)
+		}
+		if edged.ErrorCode(err) != edged.EUNAVAILABLE {
+			t.Fatalf("%s while the store cannot write: %v, want EUNAVAILABLE", op, err)
+		}
+	}
+	g1, _ := json.Marshal(grant("r1", "chair-1", "b", 60))
+	again, _ := json.Marshal(grant("r0", "chair-1", "a", 60)) // answered before the outage
+	cmd, _ := json.Marshal(map[string]any{"cmd_id": "c1", "device_id": "chair-1", "renter_id": "a", "action": "end"})
+	garbled := []byte(`{"op":"grant","rental_id":"r9"`)
+	garbledCmd := []byte(`{"cmd_id":"c9"`)
+	for range 3 {
+		try("grant", g1)
+		try("grant", again)
+		try("command", cmd)
+		try("grant", garbled)
+		try("command", garbledCmd)
+		h.tick(time.Second) // the station retries its queue meanwhile
+	}
+	h.store.setFail(nil)
+	for _, m := range []struct {
+		op string
+		b  []byte
+	}{{"grant", g1}, {"grant", again}, {"command", cmd}, {"grant", garbled}, {"command", garbledCmd}} {
+		var err error
+		if m.op == "command" {
+			err = h.st.RenterCommand(ctx, m.b)
+		} else {
+			err = h.st.Rental(ctx, m.b)
+		}
+		if err != nil {
+			t.Fatalf("%s retried after the store recovered: %v", m.op, err)
+		}
+	}
+	var got []string
+	for _, e := range h.since(seq) {
+		if e.Type == edged.EventRentalResult || e.Type == edged.EventCommandResult {
+			id, reason := e.Data["rental_id"], e.Data["reason"]
+			if id == nil {
+				id = e.Data["cmd_id"]
+			}
+			if reason == nil {
+				reason = "ok"
+			}
+			got = append(got, fmt.Sprintf("%v:%v", id, reason))
+		}
+	}
+	if want := "r1:device_busy r0:ok c1:unavailable :invalid :invalid r1:device_busy r0:ok c1:unavailable :invalid :invalid"; strings.Join(got, " ") != want {
+		t.Fatalf("results %v, want %s: one answer per message during the outage, re-reported once on the acknowledged retry", got, want)
+	}
+}
+
 func TestFullStoreStillStopsAtTheEnd(t *testing.T) {
 	h := newHarness(t)
 	h.online("chair-1", edged.StatusIdle)
@@ -1084,7 +1155,7 @@ func TestStoreCannotWrite(t *testing.T) {
 	if sent := h.dev.take(); len(sent) != 1 || sent[0].Cmd.Action != "start" || sent[0].Cmd.DurationS != 20 {
 		t.Fatalf("after the extend sent %+v, want start with 20 s", sent)
 	}
-	send("redelivered extend", func(b []byte) error { return h.st.Rental(ctx, b) }, ext)
+	send("retried extend", func(b []byte) error { return h.st.Rental(ctx, b) }, ext)
 	// Presence still counts: the stop waits for the device to return.
 	if err := h.st.DeviceOnline(ctx, "chair-1", false); err != nil {
 		t.Fatal(err)
@@ -1120,12 +1191,13 @@ func TestStoreCannotWrite(t *testing.T) {
 	}
 	evs := h.since(seq)
 	want := "rental.result command.result device.unrented_use rental.result rental.extended " +
-		"rental.result device.offline rental.ended device.online"
+		"device.offline rental.ended device.online"
 	if got := strings.Join(types(evs), " "); got != want {
 		t.Fatalf("written after recovery:\n%s\nwant, in decision order:\n%s", got, want)
 	}
-	// The grant, the renter command, the extend and its redelivery.
-	if got := results(evs); strings.Join(got, " ") != "unavailable unavailable ok ok" {
+	// The grant, the renter command and the extend: the extend's retry
+	// while its answer waited added none.
+	if got := results(evs); strings.Join(got, " ") != "unavailable unavailable ok" {
 		t.Fatalf("results = %v", got)
 	}
 	for i, e := range h.since(0) {

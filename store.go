@@ -122,12 +122,18 @@ type CloudHandler interface {
 }
 
 // StateSource gives the latest state of every device, for coalesced
-// publication: a reader takes DeviceStates after each signal of
-// StatesChanged and publishes those whose Version moved.
+// publication: a reader takes DeviceStates once, then ChangedSince after
+// each signal of StatesChanged, and publishes those whose Version moved.
 type StateSource interface {
 	// DeviceStates returns the states in a stable order; their maps and
-	// pointers may be shared and must not be modified.
+	// pointers may be shared and must not be modified. The highest Version
+	// among them is the version they are current as of.
 	DeviceStates() []DeviceState
+	// ChangedSince returns the states whose Version is above version,
+	// oldest change first (shared like DeviceStates'), and the version
+	// they are current as of, for the next call. Versions are one counter
+	// for all devices, so one cursor serves them all.
+	ChangedSince(version uint64) ([]DeviceState, uint64)
 	// StatesChanged receives a value (never blocking the station) after
 	// any device state changes.
 	StatesChanged() <-chan struct{}

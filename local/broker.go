@@ -13,7 +13,7 @@
 // storms are quick and floods of wrong secrets stay cheap and cannot delay
 // a device whose secret is already verified.
 //
-// A device may publish only on its five up topics and subscribe only to
+// A device may publish only on its six up topics and subscribe only to
 // devices/D/commands. What it publishes is checked with the domain's
 // parsers and handed to the edged.DeviceReporter synchronously, before the
 // broker acknowledges it, so a device event is durable before the device
@@ -34,6 +34,12 @@
 //     0x87 in 5.
 //   - A packet over Config.MaxPacketKB closes the connection, as do MQTT
 //     protocol violations (a wildcard in a topic name, say).
+//   - A rental message relayed on devices/D/grants goes to the reporter's
+//     edged.GrantRelay, at most edged.MaxRelaysPerMinute per device in any
+//     minute. Over the limit, or when the reporter takes no relays, it is
+//     dropped and counted (Stats.RelayDropped); MQTT 5 at QoS 1 gets 0x97
+//     quota exceeded or 0x83. The station answers a relay it takes with a
+//     rental_result command.
 //
 // When the reporter fails otherwise (the store cannot write), the message
 // is not acknowledged as a success: MQTT 5 at QoS 1 gets PUBACK 0x80, so the
@@ -42,7 +48,8 @@
 // message after reconnecting (with backoff, its own); MQTT 5 at QoS 2 gets
 // DISCONNECT 0x80. QoS 0 messages are dropped and logged.
 //
-// A will is accepted only on the device's own up topics with a payload that
+// A will is accepted only on the device's own up topics but grants (a will
+// would relay past the limit) with a payload that
 // passes the same checks; it is never retained, and is reported like a
 // publish when mochi sends it (also when the session is taken over by a
 // reconnect of the same device). Any other will refuses the CONNECT.
@@ -138,15 +145,7 @@ type Config struct {
 }
 
 // Stats are the broker's counters since New.
-type Stats struct {
-	AuthFailures uint64 // CONNECTs refused: unknown device, wrong secret, bad client id or will
-	ACLDenials   uint64 // publishes and subscriptions outside the device's own topics
-	BadInput     uint64 // payloads over 64 KiB or not what the topic needs
-	MessagesIn   uint64 // device messages reported to the station
-	MessagesOut  uint64 // commands published to devices
-	Connected    int    // devices connected now
-	Throttled    uint64 // publishes held back by local.max_publish_rate
-}
+type Stats = edged.BrokerStats
 
 // Broker is the devices' MQTT broker. It is safe for concurrent use.
 type Broker struct {
@@ -178,6 +177,9 @@ type Broker struct {
 
 	authFailures, aclDenials, badInput, messagesIn, messagesOut, throttled atomic.Uint64
 	connected                                                              atomic.Int64
+
+	relays       relayLimit
+	relayDropped atomic.Uint64
 
 	warnMu   sync.Mutex
 	lastWarn map[string]time.Time
@@ -479,6 +481,7 @@ func (b *Broker) Stats() Stats {
 		MessagesOut:  b.messagesOut.Load(),
 		Connected:    int(b.connected.Load()),
 		Throttled:    b.throttled.Load(),
+		RelayDropped: b.relayDropped.Load(),
 	}
 }
 

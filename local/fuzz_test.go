@@ -7,11 +7,11 @@ import (
 	"github.com/stationedge/edged"
 )
 
-// FuzzUpTopic: a device's publish topic is one of its own five up topics
+// FuzzUpTopic: a device's publish topic is one of its own six up topics
 // or nothing: no topic of another device, no wildcard, no trailing level
 // slips through the ACL (§2).
 func FuzzUpTopic(f *testing.F) {
-	for _, s := range []string{"state", "telemetry", "location", "events", "commands/ack", "commands", "state/x", ""} {
+	for _, s := range []string{"state", "telemetry", "location", "events", "commands/ack", "grants", "commands", "state/x", ""} {
 		f.Add("chair-1", "devices/chair-1/"+s)
 		f.Add("chair-1", "devices/chair-10/"+s)
 	}
@@ -34,7 +34,7 @@ func FuzzUpTopic(f *testing.F) {
 			t.Fatalf("upTopic accepted %q", topic)
 		}
 		switch kind {
-		case topicState, topicTelemetry, topicLocation, topicEvents, topicAck:
+		case topicState, topicTelemetry, topicLocation, topicEvents, topicAck, topicGrants:
 		default:
 			t.Fatalf("upTopic(%q, %q) = unknown kind %q", id, topic, kind)
 		}
@@ -46,7 +46,7 @@ func FuzzUpTopic(f *testing.F) {
 func FuzzParse(f *testing.F) {
 	for _, s := range []string{`{"status":"idle"}`, `{"power_w":1}`, `{"lat":1,"lon":2}`,
 		`{"type":"door"}`, `{"cmd_id":"c","ok":true}`, `[]`, `{`, ``, `{"status":"idle","x":{"y":1}}`} {
-		for _, k := range []string{topicState, topicTelemetry, topicLocation, topicEvents, topicAck} {
+		for _, k := range []string{topicState, topicTelemetry, topicLocation, topicEvents, topicAck, topicGrants} {
 			f.Add(k, []byte(s))
 		}
 	}
@@ -60,7 +60,7 @@ func FuzzParse(f *testing.F) {
 		}
 		if r == nil {
 			switch kind {
-			case topicState, topicTelemetry, topicLocation, topicEvents, topicAck:
+			case topicState, topicTelemetry, topicLocation, topicEvents, topicAck, topicGrants:
 				t.Fatalf("parse(%q, %q) accepted with no report", kind, payload)
 			}
 		}

@@ -61,7 +61,7 @@ func (b *Broker) authenticate(pk packets.Packet) error {
 	}
 	if pk.Connect.WillFlag {
 		kind, ok := upTopic(id, pk.Connect.WillTopic)
-		if !ok {
+		if !ok || kind == topicGrants { // a will would relay past the rate limit
 			return errWillRefused
 		}
 		if _, err := parse(kind, pk.Connect.WillPayload); err != nil {
@@ -157,6 +157,11 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 		b.aclDenials.Add(1)
 		b.warn("acl", "publish refused", "device", cl.ID, "topic", clip(strings.TrimPrefix(pk.TopicName, deniedPrefix)))
 		return pk, refusal(v5, qos, packets.ErrNotAuthorized)
+	}
+	if kind == topicGrants {
+		if code, ok := b.admitRelay(cl.ID); !ok {
+			return pk, refusal(v5, qos, code)
+		}
 	}
 	if d := b.device(cl.ID); d != nil && d.limit != nil {
 		if wait := d.limit.reserve(time.Now()); wait > 0 {

@@ -7,13 +7,14 @@ import (
 	"github.com/stationedge/edged"
 )
 
-// The five topics a device publishes on, below devices/D/ (contract §2).
+// The six topics a device publishes on, below devices/D/ (contract §2).
 const (
 	topicState     = "state"
 	topicTelemetry = "telemetry"
 	topicLocation  = "location"
 	topicEvents    = "events"
 	topicAck       = "commands/ack"
+	topicGrants    = "grants" // rental messages relayed from the renter's phone
 )
 
 // commandsTopic is the one topic device id subscribes to.
@@ -35,7 +36,7 @@ func upTopic(id, topic string) (string, bool) {
 		return "", false
 	}
 	switch rest {
-	case topicState, topicTelemetry, topicLocation, topicEvents, topicAck:
+	case topicState, topicTelemetry, topicLocation, topicEvents, topicAck, topicGrants:
 		return rest, true
 	}
 	return "", false
@@ -85,6 +86,8 @@ func parse(kind string, payload []byte) (report, error) {
 			return nil, err
 		}
 		return func(ctx context.Context, r edged.DeviceReporter, id string) error { return r.DeviceAck(ctx, id, a) }, nil
+	case topicGrants:
+		return parseGrant(payload)
 	}
 	return nil, edged.Errorf(edged.EINVALID, "not an up topic: %q", kind)
 }

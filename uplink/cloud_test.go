@@ -71,6 +71,7 @@ func upTopics(profile string) (events, gateway, devices string) {
 type recorder struct {
 	mu   sync.Mutex
 	msgs []cloudMsg
+	at   []time.Time // arrival of each of msgs
 }
 
 func record(t *testing.T, c *cloudemu.Cloud, filter string) *recorder {
@@ -79,6 +80,7 @@ func record(t *testing.T, c *cloudemu.Cloud, filter string) *recorder {
 	if err := c.Subscribe(filter, func(topic string, payload []byte) {
 		r.mu.Lock()
 		r.msgs = append(r.msgs, cloudMsg{topic: topic, payload: payload})
+		r.at = append(r.at, time.Now())
 		r.mu.Unlock()
 	}); err != nil {
 		t.Fatal(err)

@@ -47,6 +47,12 @@ func (f *sameTickStates) DeviceStates() []edged.DeviceState {
 
 func (f *sameTickStates) StatesChanged() <-chan struct{} { return f.changed }
 
+func (f *sameTickStates) ChangedSince(v uint64) ([]edged.DeviceState, uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return changedSince(f.states, v), f.version
+}
+
 // TestCoalesceSameMillisecond: states that change twice within one
 // millisecond (same UpdatedAt) still leave the cloud with the latest one,
 // both when the second change comes after the first was published and

@@ -2,6 +2,7 @@ package uplink
 
 import (
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -63,9 +64,10 @@ func TestDownWhileCut(t *testing.T) {
 	}
 }
 
-// TestDownRedelivery: a message the station could not make durable is not
-// acknowledged and comes back; once stored it is acknowledged and does not
-// come back on the next connection.
+// TestDownRedelivery: a message the station failed to make durable (an
+// error other than EUNAVAILABLE) is not acknowledged and comes back on a
+// new connection; once stored it is acknowledged and does not come back on
+// the next connection.
 func TestDownRedelivery(t *testing.T) {
 	m := startMosquitto(t, "")
 	p, err := faultproxy.New(m.addr)
@@ -77,7 +79,7 @@ func TestDownRedelivery(t *testing.T) {
 	s := newStation()
 	s.handler.fail = func(call int, payload []byte) error {
 		if call <= 2 {
-			return edged.Errorf(edged.EUNAVAILABLE, "disk refused the write")
+			return edged.Errorf(edged.EINTERNAL, "store broke")
 		}
 		return nil
 	}
@@ -116,6 +118,78 @@ func TestDownRedelivery(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	if _, _, got := s.handler.snapshot(); got != calls {
 		t.Errorf("handler calls after a reconnect: got %d, want %d (nothing redelivered)", got, calls)
+	}
+}
+
+// TestDownHeldWhileStoreCannotWrite: while the station cannot store a
+// cloud message (EUNAVAILABLE: a full disk) the uplink keeps the
+// connection, holds the message and every later one unacknowledged, and
+// retries; events keep flowing meanwhile. Once the store takes it, the
+// messages are handled in order and acknowledged, and none comes back.
+func TestDownHeldWhileStoreCannotWrite(t *testing.T) {
+	m := startMosquitto(t, "")
+	p, err := faultproxy.New(m.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	c := newCloud(t, m.addr, eventsTopic)
+	s := newStation()
+	var full atomic.Bool
+	full.Store(true)
+	s.handler.fail = func(call int, payload []byte) error {
+		if full.Load() {
+			return edged.Errorf(edged.EUNAVAILABLE, "store cannot write")
+		}
+		return nil
+	}
+	u, err := New(s.config(t, "tcp://"+p.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runUplink(t, u)
+	waitFor(t, 5*time.Second, "connected", func() bool { return u.Status().State == StateConnected })
+
+	c.publish(commandsTopic, `{"cmd_id":"c1"}`)
+	c.publish(rentalsTopic, `{"op":"grant","rental_id":"r1"}`)
+	c.publish(commandsTopic, `{"cmd_id":"c2"}`)
+	waitFor(t, 10*time.Second, "the first message retried", func() bool { _, _, calls := s.handler.snapshot(); return calls >= 2 })
+	// Held, not dropped: the drain goes on on the same connection.
+	s.outbox.Append(100, 4)
+	waitFor(t, 10*time.Second, "events drained while a message is held", func() bool { return s.outbox.Len() == 0 })
+	rentals, cmds, calls := s.handler.snapshot()
+	if len(rentals)+len(cmds) != 0 {
+		t.Fatalf("stored while the store could not write: %v %v", rentals, cmds)
+	}
+	full.Store(false)
+	waitFor(t, 40*time.Second, "every message stored", func() bool {
+		r, cmds, _ := s.handler.snapshot()
+		return len(r) == 1 && len(cmds) == 2
+	})
+	_, cmds, after := s.handler.snapshot()
+	if diff := cmp.Diff([]string{`{"cmd_id":"c1"}`, `{"cmd_id":"c2"}`}, cmds); diff != "" {
+		t.Errorf("commands (-want +got):\n%s", diff)
+	}
+	if after != calls+3 {
+		t.Errorf("handler calls: %d failed, then %d in all; want the held one once more and each later one once", calls, after)
+	}
+	st := u.Status()
+	if st.Connects != 1 || st.Reconnects != 0 {
+		t.Errorf("connects %d, reconnects %d while the store could not write: want 1 and 0", st.Connects, st.Reconnects)
+	}
+	if st.DownHeld != uint64(calls) || st.LastError == "" {
+		t.Errorf("DownHeld %d (want %d), LastError %q", st.DownHeld, calls, st.LastError)
+	}
+
+	// Acknowledged in order: a new connection brings nothing back.
+	time.Sleep(200 * time.Millisecond) // let the PUBACKs reach the broker
+	p.Cut()
+	waitFor(t, 5*time.Second, "the cut noticed", func() bool { return u.Status().State != StateConnected })
+	p.Restore()
+	waitFor(t, 5*time.Second, "reconnected", func() bool { return u.Status().State == StateConnected })
+	time.Sleep(500 * time.Millisecond)
+	if _, _, got := s.handler.snapshot(); got != after {
+		t.Errorf("handler calls after a reconnect: got %d, want %d (nothing redelivered)", got, after)
 	}
 }
 

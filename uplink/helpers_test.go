@@ -250,6 +250,24 @@ func (f *fakeStates) DeviceStates() []edged.DeviceState {
 
 func (f *fakeStates) StatesChanged() <-chan struct{} { return f.changed }
 
+func (f *fakeStates) ChangedSince(v uint64) ([]edged.DeviceState, uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return changedSince(f.states, v), f.version
+}
+
+// changedSince is edged.StateSource's ChangedSince over a fake's states.
+func changedSince(states map[string]edged.DeviceState, v uint64) []edged.DeviceState {
+	var out []edged.DeviceState
+	for _, s := range states {
+		if s.Version > v {
+			out = append(out, s.Clone())
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Version < out[j].Version })
+	return out
+}
+
 // fakeHandler is an edged.CloudHandler that records what it made durable.
 type fakeHandler struct {
 	mu       sync.Mutex

@@ -35,10 +35,13 @@ type session struct {
 	// published is the Version of each device's state as last published on
 	// this connection; due holds devices whose state moved since.
 	published map[string]uint64
-	renterOf  map[string]string // device -> renter topic last published to
-	due       []edged.DeviceState
-	buf       []edged.Event // events read from the outbox, not yet sent
-	sentUpTo  uint64        // highest seq handed to paho on this connection
+	// statesAt is the StateSource version the states read so far are
+	// current as of; zero until every state was read once.
+	statesAt uint64
+	renterOf map[string]string // device -> renter topic last published to
+	due      []edged.DeviceState
+	buf      []edged.Event // events read from the outbox, not yet sent
+	sentUpTo uint64        // highest seq handed to paho on this connection
 
 	// startPubacked is u.pubacked when the connection came up; first is
 	// the first events message of the connection (head seq, last seq,
@@ -47,6 +50,15 @@ type session struct {
 	firstHead, firstLast uint64
 	firstCount           int
 	statesFirst          bool // aliyun: every state before the backlog
+
+	// The live lane (docs/uplink.md, "Live traffic first"). liveOn while
+	// the drain is behind the backlog the connection found (the outbox's
+	// last seq then, liveFrom); liveSeen is the highest seq the lane has
+	// looked at, liveScan set when the outbox grew since; live holds the
+	// fresh rental and command events still to send ahead.
+	liveOn, liveScan   bool
+	liveFrom, liveSeen uint64
+	live               []edged.Event
 }
 
 // inflight is a QoS 1 publish awaiting its PUBACK. seqs are the events it
@@ -224,10 +236,14 @@ func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 
 	s.sentUpTo = u.pubacked
 	s.startPubacked = u.pubacked
+	s.liveFrom = u.cfg.Outbox.OutboxStats(u.clock.Now()).LastSeq
+	s.liveSeen = s.liveFrom
+	s.liveOn = s.liveFrom > s.sentUpTo
 	s.refreshStates() // every device once on every new connection
 	s.statesFirst = u.aliyun
 	moreEvents := true
 	liveTurn := true
+	liveLast := false // the last message was a live one
 	watchdog := time.NewTimer(time.Hour)
 	defer watchdog.Stop()
 	for {
@@ -237,6 +253,21 @@ func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 		if len(s.due) == 0 {
 			s.statesFirst = false
 		}
+		if err := s.scanLive(ctx); err != nil {
+			return err
+		}
+		others := len(s.due) > 0 || (moreEvents && !s.statesFirst)
+		if len(s.live) > 0 && s.room() > 0 && (!liveLast || !others) {
+			// Fresh results go before the backlog and before states, but
+			// every other message at most while those wait: a burst of
+			// rentals cannot stall the drain, which alone ends the lane.
+			if err := s.publishLive(ctx, client); err != nil {
+				return err
+			}
+			liveLast = true
+			continue
+		}
+		liveLast = false
 		// One message per turn: live state (with its renter messages) or
 		// one events batch, taking turns while both wait, so neither
 		// starves the other and every publish waits its token in order.
@@ -260,7 +291,7 @@ func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 			case err := <-s.lost:
 				return err
 			case <-u.cfg.Outbox.Notify():
-				moreEvents = true
+				moreEvents, s.liveScan = true, true
 			case <-u.cfg.States.StatesChanged():
 				s.refreshStates()
 			default:
@@ -287,7 +318,7 @@ func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 		case <-head:
 		case <-u.released:
 		case <-u.cfg.Outbox.Notify():
-			moreEvents = true
+			moreEvents, s.liveScan = true, true
 		case <-u.cfg.States.StatesChanged():
 			s.refreshStates()
 		case <-watchdog.C:
@@ -500,6 +531,7 @@ func (s *session) publishEvents(ctx context.Context, client mqtt.Client) (bool, 
 			}
 			if len(evs) == 0 {
 				more = false
+				s.liveOn, s.live = false, nil // caught up: nothing to overtake
 				break
 			}
 			s.buf = evs
@@ -574,7 +606,116 @@ func (s *session) publishEvents(ctx context.Context, client mqtt.Client) (bool, 
 		u.sent.batches.Add(1)
 	}
 	s.sentUpTo = seqs[len(seqs)-1]
+	if s.sentUpTo >= s.liveFrom {
+		s.liveOn, s.live = false, nil // past the backlog: in order is soon enough
+	}
 	return true, nil
+}
+
+// liveType reports whether events of type t take the live lane: the
+// answers a renter or the cloud waits for.
+func liveType(t edged.EventType) bool {
+	return strings.HasPrefix(string(t), "rental.") || t == edged.EventCommandResult
+}
+
+// liveScanReads bounds the outbox reads of one scan, so a flood of device
+// events cannot hold the loop; the rest is read on the next turn.
+const liveScanReads = 8
+
+// scanLive reads the events appended since the lane last looked, while the
+// drain is behind, and queues the rental and command ones the drain has not
+// reached yet.
+func (s *session) scanLive(ctx context.Context) error {
+	if !s.liveOn || !s.liveScan {
+		return nil
+	}
+	const limit = 256
+	for range liveScanReads {
+		evs, err := s.u.cfg.Outbox.Pending(ctx, s.liveSeen, limit)
+		if err != nil {
+			return fmt.Errorf("outbox: %w", err)
+		}
+		for _, ev := range evs {
+			s.liveSeen = max(s.liveSeen, ev.Seq)
+			if ev.Seq > s.sentUpTo && liveType(ev.Type) {
+				s.live = append(s.live, ev)
+			}
+		}
+		if len(evs) < limit {
+			s.liveScan = false
+			return nil
+		}
+	}
+	return nil
+}
+
+// publishLive sends the queued live events ahead of the backlog, in the
+// profile's form (a batch of up to batch_events, cut before
+// max_message_kb, or a bare envelope). The message carries no seqs for the
+// window: the events stay in the outbox, and the in-order drain sends them
+// again and alone releases them, so seq order and at-least-once hold; the
+// cloud sees them twice and dedupes by (station, seq).
+func (s *session) publishLive(ctx context.Context, client mqtt.Client) error {
+	u := s.u
+	var envs [][]byte
+	size := 0
+	st, _ := json.Marshal(u.cfg.StationID)
+	overhead := len(`{"station":,"events":[]}`) + len(st)
+	if u.batch == 1 {
+		overhead = 0
+	}
+	for len(s.live) > 0 && len(envs) < u.batch {
+		ev := s.live[0]
+		if ev.Seq <= s.sentUpTo {
+			s.live = s.live[1:] // the drain got there first
+			continue
+		}
+		if ev.Station == "" {
+			ev.Station = u.cfg.StationID
+		}
+		ev.TS = ev.TS.UTC()
+		env, err := json.Marshal(ev)
+		if err != nil {
+			s.live = s.live[1:] // the drain reports it
+			continue
+		}
+		grown := size + len(env)
+		if len(envs) > 0 {
+			grown++
+		}
+		if overhead+grown > u.maxBytes {
+			if len(envs) == 0 {
+				s.live = s.live[1:] // too big alone: the drain deals with it
+				continue
+			}
+			break
+		}
+		s.live = s.live[1:]
+		envs = append(envs, env)
+		size = grown
+	}
+	if len(envs) == 0 {
+		return nil
+	}
+	payload := envs[0]
+	if u.batch > 1 {
+		b := make([]byte, 0, overhead+size)
+		b = append(b, `{"station":`...)
+		b = append(b, st...)
+		b = append(b, `,"events":[`...)
+		for i, e := range envs {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = append(b, e...)
+		}
+		payload = append(b, "]}"...)
+	}
+	if err := s.publish(ctx, client, u.topics.events, false, payload, nil); err != nil {
+		return err
+	}
+	u.sent.live.Add(uint64(len(envs)))
+	return nil
 }
 
 func appendJSON(b []byte, v any) ([]byte, error) {
@@ -582,12 +723,21 @@ func appendJSON(b []byte, v any) ([]byte, error) {
 	return append(b, j...), err
 }
 
-// refreshStates reads the latest device states and queues those whose
+// refreshStates reads the device states changed since the last read
+// (every state, the first time on a connection) and queues those whose
 // Version moved since they were last published on this connection.
 // Coalescing happens here: however many changes came meanwhile, a device is
 // queued once, with its newest state.
 func (s *session) refreshStates() {
-	states := s.u.cfg.States.DeviceStates()
+	var states []edged.DeviceState
+	if s.statesAt == 0 {
+		states = s.u.cfg.States.DeviceStates()
+		for _, st := range states {
+			s.statesAt = max(s.statesAt, st.Version)
+		}
+	} else {
+		states, s.statesAt = s.u.cfg.States.ChangedSince(s.statesAt)
+	}
 	queued := make(map[string]int, len(s.due))
 	for i, d := range s.due {
 		queued[d.DeviceID] = i
@@ -786,10 +936,18 @@ func (s *session) onMessage(_ mqtt.Client, m mqtt.Message) {
 
 // handleDown gives messages from the cloud to the station one at a time,
 // in arrival order. It acknowledges a message only once the station
-// returned nil, that is once it is durable. On an error it leaves it (and
-// every later message of this connection) unacknowledged and ends the
-// session: the broker redelivers them, in order, on the next connection
-// (the session is persistent, CleanSession=false).
+// returned nil, that is once it is durable.
+//
+// When the station cannot store it now (EUNAVAILABLE: the disk is full)
+// the connection is kept: the message is held unacknowledged and handed to
+// the station again with backoff (downRetryFirst doubling to
+// downRetryMax) until it is stored, and every later message of the
+// connection waits behind it, so they are handled and acknowledged in
+// order. Dropping the link instead would cost the outage a reconnect loop
+// and every device state meanwhile. On any other error it leaves the
+// message (and every later one of this connection) unacknowledged and
+// ends the session: the broker redelivers them, in order, on the next
+// connection (the session is persistent, CleanSession=false).
 func (s *session) handleDown() {
 	h := s.u.cfg.Handler
 	for {
@@ -802,20 +960,34 @@ func (s *session) handleDown() {
 		if s.failed.Load() {
 			continue
 		}
-		var err error
+		var handle func(context.Context, []byte) error
 		switch m.Topic() {
 		case s.u.topics.downRentals:
-			err = h.Rental(s.ctx, m.Payload())
+			handle = h.Rental
 		case s.u.topics.downCommands:
-			err = h.RenterCommand(s.ctx, m.Payload())
+			handle = h.RenterCommand
 		case s.u.topics.downRegistry:
-			err = s.u.cfg.Registry.Registry(s.ctx, m.Payload())
+			handle = s.u.cfg.Registry.Registry
 		default:
 			// Not ours (a stale subscription of this client id): drop it,
 			// or the broker would redeliver it forever.
 			s.u.log.Warn("message on unexpected topic dropped", "topic", m.Topic())
 			m.Ack()
 			continue
+		}
+		err := handle(s.ctx, m.Payload())
+		for wait := downRetryFirst; err != nil && edged.ErrorCode(err) == edged.EUNAVAILABLE; wait = min(2*wait, downRetryMax) {
+			s.u.sent.downHeld.Add(1)
+			s.u.log.Warn("cloud message not stored, held and retried", "topic", m.Topic(), "retry_in", wait, "err", err)
+			s.u.setError(fmt.Errorf("%s not stored, held for retry: %w", m.Topic(), err))
+			t := time.NewTimer(wait)
+			select {
+			case <-s.ctx.Done():
+				t.Stop()
+				return // unacknowledged: redelivered on the next connection
+			case <-t.C:
+			}
+			err = handle(s.ctx, m.Payload())
 		}
 		if err != nil {
 			s.failed.Store(true)
@@ -825,6 +997,12 @@ func (s *session) handleDown() {
 		m.Ack()
 	}
 }
+
+// Retry delays for a down message the station cannot store now.
+var (
+	downRetryFirst = time.Second
+	downRetryMax   = 30 * time.Second
+)
 
 // wait is the package's wait that also ends when the session is lost.
 func (s *session) wait(ctx context.Context, tok mqtt.Token, timeout time.Duration) error {

@@ -65,42 +65,10 @@ const (
 	StateDisabled   = "disabled"
 )
 
-// Status describes the uplink for the status page and /api/v1/status.
-type Status struct {
-	State string `json:"state"`
-	// ConnectedSince is when the current connection came up; zero unless
-	// connected.
-	ConnectedSince time.Time         `json:"connected_since,omitzero"`
-	Outbox         edged.OutboxStats `json:"outbox"`
-	// LastAckedSeq is the highest seq the cloud broker has acknowledged
-	// (PUBACK) and the outbox has released.
-	LastAckedSeq uint64 `json:"last_acked_seq"`
-	// Reconnects counts connections made after the first one.
-	Reconnects int `json:"reconnects"`
-	// Connects counts every connection made, the first included.
-	Connects int `json:"connects"`
-	// LastError is the last connection or delivery error; it stays after
-	// the link recovers, as a hint for the technician.
-	LastError string `json:"last_error,omitempty"`
-	// Profile is the cloud profile (§3.5): generic, aws or aliyun.
-	Profile string `json:"profile"`
-	// Identity is who the station is at the cloud: the client id, or
-	// product key/device name on aliyun. Never a secret.
-	Identity string `json:"identity"`
-	// MessagesSent counts PUBLISH packets handed to the connection: events,
-	// states, presence and renter messages, resends included.
-	MessagesSent uint64 `json:"messages_sent"`
-	// EventsSent counts events sent, resends included; Batches the event
-	// messages that carried a batch (batch_events > 1).
-	EventsSent uint64 `json:"events_sent"`
-	Batches    uint64 `json:"batches"`
-	// PacingWaits counts publishes held back by max_publish_rate.
-	PacingWaits uint64 `json:"pacing_waits"`
-	// Refused counts events the cloud could not take: larger than
-	// max_message_kb on their own, or refused by the cloud connection after
-	// connection (each is logged and released from the outbox).
-	Refused uint64 `json:"refused"`
-}
+// Status describes the uplink for the status page and /api/v1/status:
+// edged.UplinkStatus, defined once in the root so the page reads it
+// without importing the uplink.
+type Status = edged.UplinkStatus
 
 // Defaults for zero values of edged.UplinkConfig, as in edged.DefaultConfig.
 const (
@@ -169,7 +137,7 @@ type topics struct {
 
 // counters are the uplink's figures for Status.
 type counters struct {
-	messages, events, batches, waits, refused atomic.Uint64
+	messages, events, batches, waits, refused, live, downHeld atomic.Uint64
 }
 
 // refusal tracks connections that ended with nothing of theirs
@@ -404,6 +372,8 @@ func (u *Uplink) Status() Status {
 		Batches:        u.sent.batches.Load(),
 		PacingWaits:    u.sent.waits.Load(),
 		Refused:        u.sent.refused.Load(),
+		LiveEvents:     u.sent.live.Load(),
+		DownHeld:       u.sent.downHeld.Load(),
 	}
 	u.mu.Unlock()
 	if u.cfg.Outbox != nil {
@@ -488,7 +458,7 @@ func (u *Uplink) judgeRefusal(s *session, up time.Duration, err error) {
 		return
 	}
 	if u.pubacked == s.startPubacked && !endedByCloud(err) {
-		return // edged ended it (a store that cannot take a grant): no verdict
+		return // edged ended it (a store that failed a grant): no verdict
 	}
 	if u.pubacked != s.startPubacked {
 		if r.capEvents > 0 && u.pubacked >= r.capUntil {

@@ -3,7 +3,11 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -18,6 +22,10 @@ type latencies struct {
 	sent, got int
 	p50, p99  time.Duration
 	max       time.Duration
+	// commits per second during the phase and changes per commit, read
+	// from edged's /metrics (zero for the bridge, or an edged without the
+	// counter).
+	commitsPerS, changesPerCommit float64
 }
 
 func summarize(sent int, ds []time.Duration) latencies {
@@ -36,7 +44,7 @@ func summarize(sent int, ds []time.Duration) latencies {
 // rental message on R/S/down/rentals; for the bridge it is the start
 // command itself, published where the bridge maps it onto
 // devices/D/commands (the scripts a bridge needs are not in the path).
-func (b *bench) runRentals(gwAddr, cloudAddr string, creds, edged bool, pool int, phases []rentalPhase) ([]latencies, error) {
+func (b *bench) runRentals(gwAddr, cloudAddr, httpAddr string, creds, edged bool, pool int, phases []rentalPhase) ([]latencies, error) {
 	var (
 		mu     sync.Mutex
 		sentAt = map[string]time.Time{}
@@ -90,6 +98,7 @@ func (b *bench) runRentals(gwAddr, cloudAddr string, creds, edged bool, pool int
 		mu.Unlock()
 		n := int(float64(ph.rate) * ph.dur.Seconds())
 		interval := time.Second / time.Duration(ph.rate)
+		c0, ch0 := commitCounters(httpAddr)
 		t0 := time.Now()
 		for k := range n {
 			if d := time.Until(t0.Add(time.Duration(k) * interval)); d > 0 {
@@ -125,9 +134,15 @@ func (b *bench) runRentals(gwAddr, cloudAddr string, creds, edged bool, pool int
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+		c1, ch1 := commitCounters(httpAddr)
 		mu.Lock()
-		out = append(out, summarize(n, slices.Clone(got)))
+		l := summarize(n, slices.Clone(got))
 		mu.Unlock()
+		if c1 > c0 {
+			l.commitsPerS = (c1 - c0) / time.Since(t0).Seconds()
+			l.changesPerCommit = (ch1 - ch0) / (c1 - c0)
+		}
+		out = append(out, l)
 		time.Sleep(2500 * time.Millisecond)
 	}
 	return out, nil
@@ -149,11 +164,12 @@ func (b *bench) scenarioRental(t *table) error {
 		return err
 	}
 	defer cloud.kill(15)
-	e, err := b.startEdged("rental", edgedOptions{devices: pool, uplinkURL: "tcp://" + cloud.addr})
+	httpAddr := freeAddr()
+	e, err := b.startEdged("rental", edgedOptions{devices: pool, uplinkURL: "tcp://" + cloud.addr, httpAddr: httpAddr})
 	if err != nil {
 		return err
 	}
-	el, err := b.runRentals(e.addr, cloud.addr, true, true, pool, phases)
+	el, err := b.runRentals(e.addr, cloud.addr, httpAddr, true, true, pool, phases)
 	e.kill(15)
 	if err != nil {
 		return fmt.Errorf("edged: %w", err)
@@ -170,15 +186,15 @@ func (b *bench) scenarioRental(t *table) error {
 		return err
 	}
 	defer edge.kill(15)
-	ml, err := b.runRentals(edge.addr, cloud2.addr, false, false, pool, phases)
+	ml, err := b.runRentals(edge.addr, cloud2.addr, "", false, false, pool, phases)
 	if err != nil {
 		return fmt.Errorf("bridge: %w", err)
 	}
 	ms := func(d time.Duration) string { return fmt.Sprintf("%.1f", float64(d.Microseconds())/1000) }
 	for i, p := range phases {
 		a, m := el[i], ml[i]
-		b.logf("rental %d/s: edged %d/%d p50 %v p99 %v max %v; bridge %d/%d p50 %v p99 %v max %v",
-			p.rate, a.got, a.sent, a.p50, a.p99, a.max, m.got, m.sent, m.p50, m.p99, m.max)
+		b.logf("rental %d/s: edged %d/%d p50 %v p99 %v max %v; bridge %d/%d p50 %v p99 %v max %v; edged commits %.1f/s, %.2f changes each",
+			p.rate, a.got, a.sent, a.p50, a.p99, a.max, m.got, m.sent, m.p50, m.p99, m.max, a.commitsPerS, a.changesPerCommit)
 		cell := func(l latencies) string {
 			return fmt.Sprintf("%s / %s / %s ms (%d of %d)", ms(l.p50), ms(l.p99), ms(l.max), l.got, l.sent)
 		}
@@ -188,6 +204,41 @@ func (b *bench) scenarioRental(t *table) error {
 			v = verdict(a.p99 < 10*time.Millisecond && a.got == a.sent, fmt.Sprintf("p99 %s ms, %d of %d started", ms(a.p99), a.got, a.sent))
 		}
 		t.add("rental latency", fmt.Sprintf("%d grants/s: p50 / p99 / max", p.rate), cell(a), "bridge, no logic: "+cell(m), target, v)
+		if a.commitsPerS > 0 {
+			t.add("rental fsyncs", fmt.Sprintf("%d grants/s: store commits per second", p.rate),
+				fmt.Sprintf("%.1f/s, %.2f decisions each", a.commitsPerS, a.changesPerCommit), "", "", "")
+		}
 	}
 	return nil
+}
+
+// commitCounters reads edged's station_commits_total and
+// station_commit_changes_total from its /metrics on httpAddr (the page
+// has no users, so it serves loopback without a login); zeros when it
+// cannot.
+func commitCounters(httpAddr string) (commits, changes float64) {
+	if httpAddr == "" {
+		return 0, 0
+	}
+	c := http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get("http://" + httpAddr + "/metrics")
+	if err != nil {
+		return 0, 0
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	for _, line := range strings.Split(string(body), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 2 {
+			continue
+		}
+		v, _ := strconv.ParseFloat(f[1], 64)
+		switch f[0] {
+		case "edged_station_commits_total":
+			commits = v
+		case "edged_station_commit_changes_total":
+			changes = v
+		}
+	}
+	return commits, changes
 }

@@ -93,6 +93,7 @@ type edgedOptions struct {
 	uplinkURL string // "" for offline only
 	dataDir   string // reused across restarts; default dir/data
 	notify    string // NOTIFY_SOCKET
+	httpAddr  string // the status page on loopback, for /metrics; "" for none
 }
 
 // edgedRun is one running edged.
@@ -117,7 +118,7 @@ func (b *bench) writeEdgedConfig(dir, addr string, o edgedOptions) (string, stri
 	if o.uplinkURL != "" {
 		fmt.Fprintf(&sb, "uplink: {url: \"%s\", reconnect_max: 1s}\n", o.uplinkURL)
 	}
-	sb.WriteString("clock: {assume_synced: true}\nhttp: {listen: \"\"}\nrentals: {start_timeout: 5s}\n")
+	fmt.Fprintf(&sb, "clock: {assume_synced: true}\nhttp: {listen: \"%s\"}\nrentals: {start_timeout: 5s}\n", o.httpAddr)
 	if o.devices == 0 {
 		sb.WriteString("devices: []\n")
 	} else {

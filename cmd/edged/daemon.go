@@ -174,7 +174,7 @@ func (m *Main) Run(ctx context.Context) error {
 		srv, err := web.New(web.Config{
 			Listen: cfg.HTTP.Listen, Listener: m.HTTPListener, Users: cfg.HTTP.Users,
 			Station: st, Store: db, Clock: m.Clock,
-			Uplink: func() web.UplinkStatus { return web.UplinkStatus(up.Status()) },
+			Uplink: up.Status,
 			Buses: func() []web.BusHealth {
 				out := make([]web.BusHealth, 0, len(m.Buses))
 				for _, b := range m.Buses {
@@ -182,7 +182,7 @@ func (m *Main) Run(ctx context.Context) error {
 				}
 				return out
 			},
-			Broker:     func() web.BrokerStats { return web.BrokerStats(broker.Stats()) },
+			Broker:     broker.Stats,
 			DeviceList: m.deviceListView,
 			Healthy:    m.Healthy,
 			StationID:  cfg.Station.ID, StationName: cfg.Station.Name, Version: edged.Version,

@@ -76,6 +76,9 @@ type demo struct {
 	proxy   *faultproxy.Proxy
 	bus     *sim.Sim
 	chairs  []*devicesim.Device
+	// walkUp is the chair the scripted cloud never grants, kept for the
+	// renter who relays a grant during an outage (relayOne).
+	walkUp  string
 	station string
 	user    string
 	pass    string
@@ -233,6 +236,7 @@ func (d *demo) start(ctx context.Context, stderr io.Writer) error {
 		}
 		d.chairs = append(d.chairs, c)
 	}
+	d.walkUp = d.chairs[0].ID
 	return nil
 }
 
@@ -294,7 +298,7 @@ func (d *demo) nextAction() (string, map[string]any) {
 	for _, s := range devices {
 		if s.Rental != nil {
 			rented = append(rented, s)
-		} else if s.Online && s.Status == edged.StatusIdle && !s.Maintenance {
+		} else if s.Online && s.Status == edged.StatusIdle && !s.Maintenance && s.DeviceID != d.walkUp {
 			idle = append(idle, s)
 		}
 	}
@@ -346,7 +350,9 @@ func (d *demo) onEvent(payload []byte) {
 	case edged.EventRentalEnded:
 		d.say("cloud got #%d rental.ended     %v on %v: %v after %v s", e.Seq, data["rental_id"], data["device_id"], data["reason"], data["used_s"])
 	case edged.EventRentalResult, edged.EventCommandResult:
-		if data["ok"] == false {
+		if data["via"] == edged.ViaDevice {
+			d.say("cloud got #%d rental.result    %v relayed by %v while offline: ok %v %v", e.Seq, data["rental_id"], data["device_id"], data["ok"], data["reason"])
+		} else if data["ok"] == false {
 			d.say("cloud got #%d %s refused: %v", e.Seq, e.Type, data["reason"])
 		}
 	case edged.EventUnrentedUse, edged.EventOutboxDropped:
@@ -364,16 +370,67 @@ func (d *demo) outages(ctx context.Context) {
 		case <-time.After(d.opts.OutageEvery):
 		}
 		d.proxy.Cut()
+		restore := time.After(d.opts.OutageFor)
 		d.say("uplink cut for %v: events queue in the store, rentals keep running", d.opts.OutageFor)
+		d.relayOne(ctx)
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(d.opts.OutageFor):
+		case <-restore:
 		}
 		d.proxy.Restore()
 		st := d.main.Store.OutboxStats(time.Now())
 		d.say("uplink restored: %d events queued, draining", st.Events)
 	}
+}
+
+// relayOne plays a renter at an offline station (docs/relay.md): the cloud
+// gave the phone a signed grant, the phone hands it to an idle chair, and
+// the chair relays it to edged, which starts it and answers.
+func (d *demo) relayOne(ctx context.Context) {
+	var chair *devicesim.Device
+	for _, c := range d.chairs { // the walk-up chair first
+		s, err := d.main.Station.Device(c.ID)
+		if err == nil && s.Online && s.Status == edged.StatusIdle && s.Rental == nil && !s.Maintenance && c.Status() == "idle" {
+			chair = c
+			break
+		}
+	}
+	if chair == nil {
+		d.say("no idle chair for a relayed rental this time")
+		return
+	}
+	d.mu.Lock()
+	d.nextID++
+	id := fmt.Sprintf("relay-%d-%s", d.nextID, randomHex(3))
+	renter := fmt.Sprintf("user-%03d", d.rng.IntN(500))
+	dur := 60 + d.rng.IntN(120)
+	d.mu.Unlock()
+	// A grant meant for a phone carries a short not_after.
+	m := map[string]any{"op": "grant", "rental_id": id, "device_id": chair.ID, "renter_id": renter, "duration_s": dur,
+		"not_after": time.Now().Add(5 * time.Minute).UTC().Format(time.RFC3339)}
+	rm := edged.RentalMessage{Op: "grant", RentalID: id, DeviceID: chair.ID, RenterID: renter, DurationS: int64(dur), NotAfter: m["not_after"].(string)}
+	m["sig"] = edged.SignRental(d.key, d.station, rm)
+	b, _ := json.Marshal(m)
+	if err := chair.Relay(b); err != nil {
+		d.say("relay through %s failed: %v", chair.ID, err)
+		return
+	}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline) && ctx.Err() == nil; time.Sleep(50 * time.Millisecond) {
+		for _, c := range chair.Commands() {
+			var a edged.RentalResultArgs
+			if c.Action != edged.ActionRentalResult || json.Unmarshal(c.Args, &a) != nil || a.RentalID != id {
+				continue
+			}
+			if a.OK {
+				d.say("renter's phone relayed %s through %s while the cloud is cut: started for %d s", id, chair.ID, dur)
+			} else {
+				d.say("renter's phone relayed %s through %s while the cloud is cut: refused, %s", id, chair.ID, a.Reason)
+			}
+			return
+		}
+	}
+	d.say("relayed %s through %s: no answer", id, chair.ID)
 }
 
 // chairLife makes the chairs report like real ones: telemetry, the odd

@@ -27,8 +27,9 @@ func (s *syncBuffer) String() string {
 }
 
 // TestDemoRunsAStation runs the demo briefly: rentals start on simulated
-// devices through the stand-in cloud, the uplink is cut and restored, and
-// it stops cleanly.
+// devices through the stand-in cloud, the uplink is cut and restored, a
+// grant relayed by a chair during the outage starts it, and it stops
+// cleanly.
 func TestDemoRunsAStation(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs a whole simulated station")
@@ -42,7 +43,7 @@ func TestDemoRunsAStation(t *testing.T) {
 		t.Fatalf("demo: %v\n%s", err, errs.String())
 	}
 	got := out.String()
-	for _, want := range []string{"status page", "rental.started", "uplink cut", "uplink restored", "demo stopping"} {
+	for _, want := range []string{"status page", "rental.started", "uplink cut", "relayed", "while the cloud is cut: started", "uplink restored", "demo stopping"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("demo output lacks %q:\n%s", want, got)
 		}

@@ -120,6 +120,14 @@ func (d *Device) PublishRaw(topic string, payload []byte) error {
 	return tok.Error()
 }
 
+// Relay publishes a signed rental message on devices/ID/grants, as a
+// device does with one the renter's phone handed it (contract §2), and
+// waits for the PUBACK. The answer comes as a rental_result command, which
+// the device acknowledges like any other: see Commands.
+func (d *Device) Relay(payload []byte) error {
+	return d.PublishRaw("devices/"+d.ID+"/grants", payload)
+}
+
 // Status is what the device is doing: idle or in_use.
 func (d *Device) Status() string {
 	d.mu.Lock()

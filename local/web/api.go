@@ -184,6 +184,8 @@ type UplinkView struct {
 	Batches      uint64 `json:"batches"`
 	PacingWaits  uint64 `json:"pacing_waits"`
 	Refused      uint64 `json:"refused"`
+	LiveEvents   uint64 `json:"live_events"`
+	DownHeld     uint64 `json:"down_held"`
 }
 
 // DeviceCounts is the "devices" of /api/v1/status.
@@ -284,11 +286,11 @@ type outboxStatser interface {
 
 // uplinkStatus is the uplink's status, "disabled" with the store's outbox
 // figures when there is no uplink.
-func (s *Server) uplinkStatus() UplinkStatus {
+func (s *Server) uplinkStatus() edged.UplinkStatus {
 	if s.cfg.Uplink != nil {
 		return s.cfg.Uplink()
 	}
-	u := UplinkStatus{State: "disabled"}
+	u := edged.UplinkStatus{State: "disabled"}
 	if o, ok := s.cfg.Store.(outboxStatser); ok {
 		u.Outbox = o.OutboxStats(s.cfg.Clock.Now())
 	}
@@ -344,6 +346,7 @@ func (s *Server) status() StatusView {
 			LastAckedSeq: u.LastAckedSeq, Reconnects: u.Reconnects, LastError: u.LastError,
 			Profile: u.Profile, Identity: u.Identity, MessagesSent: u.MessagesSent, EventsSent: u.EventsSent,
 			Batches: u.Batches, PacingWaits: u.PacingWaits, Refused: u.Refused,
+			LiveEvents: u.LiveEvents, DownHeld: u.DownHeld,
 		},
 		Devices:          countDevices(s.cfg.Station.DeviceStates()),
 		Buses:            []BusView{},
@@ -386,6 +389,9 @@ type DeviceView struct {
 	TimeLeftS *int64 `json:"time_left_s,omitempty"`
 	// RentalState is "starting" until the device acknowledges start.
 	RentalState edged.RentalState `json:"rental_state,omitempty"`
+	// RentalVia is "device" for a rental relayed by the device (§2): the
+	// page marks it.
+	RentalVia string `json:"rental_via,omitempty"`
 }
 
 func (s *Server) devices() []DeviceView {
@@ -404,7 +410,7 @@ func (s *Server) devices() []DeviceView {
 func (s *Server) deviceView(d edged.DeviceState, live map[string]edged.Rental) DeviceView {
 	v := DeviceView{DeviceState: d}
 	if r, ok := live[d.DeviceID]; ok {
-		v.RentalState = r.State
+		v.RentalState, v.RentalVia = r.State, r.Via
 		if r.State == edged.RentalActive {
 			left := secondsUp(r.Remaining(r.Used))
 			v.TimeLeftS = &left
@@ -503,13 +509,15 @@ type RentalView struct {
 	EndsAt    *time.Time   `json:"ends_at"`
 	EndedAt   *time.Time   `json:"ended_at"`
 	Reason    edged.Reason `json:"reason,omitempty"`
+	// Via is "device" for a rental relayed by the device (§2).
+	Via string `json:"via,omitempty"`
 }
 
 func rentalView(r edged.Rental) RentalView {
 	v := RentalView{RentalID: r.ID, DeviceID: r.DeviceID, RenterID: r.RenterID, State: r.State,
 		DurationS: secondsUp(r.Duration), UsedS: int64(r.Used / time.Second),
 		GrantedAt: r.GrantedAt.UTC(), StartedAt: timePtr(r.StartedAt), EndsAt: timePtr(r.EndsAt),
-		EndedAt: timePtr(r.EndedAt), Reason: r.Reason}
+		EndedAt: timePtr(r.EndedAt), Reason: r.Reason, Via: r.Via}
 	switch r.State {
 	case edged.RentalActive:
 		v.TimeLeftS = secondsUp(r.Remaining(r.Used))

@@ -142,11 +142,11 @@ func TestStatusHasTheContractShape(t *testing.T) {
 	}
 	since := time.Date(2026, 11, 27, 9, 0, 0, 0, time.UTC)
 	s.src.set(func(f *fakeSources) {
-		f.uplink = web.UplinkStatus{State: "connected", ConnectedSince: since, Reconnects: 2,
+		f.uplink = edged.UplinkStatus{State: "connected", ConnectedSince: since, Reconnects: 2,
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3, LastSeq: 99}}
 		f.buses = []web.BusHealth{{Name: "bus0", Port: "/dev/ttyUSB0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 1,
 			Devices: []web.DeviceHealth{{DeviceID: "charger-7", Unit: 7, State: "offline"}}}}
-		f.broker = web.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5}
+		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5}
 	})
 
 	r := s.do(req{path: "/api/v1/status"})
@@ -205,7 +205,7 @@ func TestStatusHasTheContractShape(t *testing.T) {
 	}
 
 	// Disconnected: connected_since is null, not a zero time.
-	s.src.set(func(f *fakeSources) { f.uplink = web.UplinkStatus{State: "connecting"} })
+	s.src.set(func(f *fakeSources) { f.uplink = edged.UplinkStatus{State: "connecting"} })
 	s.get("/api/v1/status", &got)
 	if got.Uplink.State != "connecting" || got.Uplink.ConnectedSince != nil {
 		t.Errorf("uplink while connecting = %+v", got.Uplink)
@@ -501,10 +501,10 @@ func TestMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.src.set(func(f *fakeSources) {
-		f.uplink = web.UplinkStatus{State: "connecting", Reconnects: 4, Connects: 5,
+		f.uplink = edged.UplinkStatus{State: "connecting", Reconnects: 4, Connects: 5,
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3}}
 		f.buses = []web.BusHealth{{Name: "bus0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 2}}
-		f.broker = web.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5, AuthFailures: 6, ACLDenials: 7, BadInput: 8}
+		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5, AuthFailures: 6, ACLDenials: 7, BadInput: 8, RelayDropped: 9}
 	})
 	r := s.do(req{path: "/metrics"})
 	if r.code != http.StatusOK || !strings.HasPrefix(r.header.Get("Content-Type"), "text/plain") {
@@ -522,6 +522,7 @@ func TestMetrics(t *testing.T) {
 		`edged_local_auth_failures_total 6`,
 		`edged_local_acl_denials_total 7`,
 		`edged_local_bad_input_total 8`,
+		`edged_local_relay_dropped_total 9`,
 		`edged_http_auth_failures_total 0`,
 		`edged_outbox_events 12`,
 		`edged_outbox_bytes 3456`,

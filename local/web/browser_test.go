@@ -59,7 +59,7 @@ func simulatedStation(t *testing.T) *station {
 	}
 	s.grant("r-1044", "chair-02", "renter-7310", 600) // refused: device_fault
 	s.src.set(func(f *fakeSources) {
-		f.uplink = web.UplinkStatus{State: "connecting", Reconnects: 3, LastAckedSeq: 1,
+		f.uplink = edged.UplinkStatus{State: "connecting", Reconnects: 3, LastAckedSeq: 1,
 			LastError: "dial tcp 203.0.113.7:8883: i/o timeout",
 			Outbox:    edged.OutboxStats{Events: 1377, Bytes: 412 << 10, OldestAgeS: 1512, LastSeq: 1400}}
 		f.buses = []web.BusHealth{{Name: "bus0", Port: "/dev/ttyUSB0", PortOpen: true, Opens: 1,
@@ -69,7 +69,7 @@ func simulatedStation(t *testing.T) *station {
 				{DeviceID: "charger-07", Unit: 7, State: "online", Requests: 9117, PollPeriod: time.Second},
 				{DeviceID: "charger-08", Unit: 8, State: "offline", Requests: 9117, Timeouts: 41, PollPeriod: 30 * time.Second},
 			}}}
-		f.broker = web.BrokerStats{Connected: 3, MessagesIn: 5821, MessagesOut: 64, AuthFailures: 2}
+		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 5821, MessagesOut: 64, AuthFailures: 2}
 	})
 	return s
 }
@@ -258,7 +258,7 @@ func TestBrowser(t *testing.T) {
 
 	// The cloud link comes up: the page follows.
 	s.src.set(func(f *fakeSources) {
-		f.uplink = web.UplinkStatus{State: "connected", ConnectedSince: time.Now(), Reconnects: 4,
+		f.uplink = edged.UplinkStatus{State: "connected", ConnectedSince: time.Now(), Reconnects: 4,
 			Outbox: edged.OutboxStats{Events: 0, LastSeq: 1400}}
 	})
 	waitFor(t, bctx, 5*time.Second, "uplink connected",

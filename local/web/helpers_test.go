@@ -72,13 +72,13 @@ func (f *fakeDevices) last(id, action string) (edged.DeviceCommand, bool) {
 // server runs.
 type fakeSources struct {
 	mu     sync.Mutex
-	uplink web.UplinkStatus
+	uplink edged.UplinkStatus
 	buses  []web.BusHealth
-	broker web.BrokerStats
+	broker edged.BrokerStats
 	health error
 }
 
-func (f *fakeSources) Uplink() web.UplinkStatus {
+func (f *fakeSources) Uplink() edged.UplinkStatus {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.uplink
@@ -90,7 +90,7 @@ func (f *fakeSources) Buses() []web.BusHealth {
 	return append([]web.BusHealth(nil), f.buses...)
 }
 
-func (f *fakeSources) Broker() web.BrokerStats {
+func (f *fakeSources) Broker() edged.BrokerStats {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.broker
@@ -145,8 +145,9 @@ type station struct {
 type stationOpt func(*stationOptions)
 
 type stationOptions struct {
-	users   []edged.HTTPUser
-	devices []edged.Device
+	users     []edged.HTTPUser
+	devices   []edged.Device
+	verifyKey []byte
 }
 
 func noUsers(o *stationOptions) { o.users = nil }
@@ -172,7 +173,7 @@ func newStation(t *testing.T, opts ...stationOpt) *station {
 		f(&o)
 	}
 	s := &station{t: t, dev: &fakeDevices{}, log: &syncBuffer{}, bodies: &syncBuffer{}, users: o.users,
-		src: &fakeSources{uplink: web.UplinkStatus{State: "connecting"}}, started: time.Now()}
+		src: &fakeSources{uplink: edged.UplinkStatus{State: "connecting"}}, started: time.Now()}
 	db, err := store.Open(filepath.Join(t.TempDir(), "edged.db"), store.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -182,7 +183,7 @@ func newStation(t *testing.T, opts ...stationOpt) *station {
 	logger := slog.New(slog.NewTextHandler(s.log, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	clock := edged.SystemClock{AssumeSynced: true}
 	st, err := edged.NewStation(edged.StationOptions{ID: "mall-1", Devices: o.devices, Store: db,
-		Commander: s.dev, Clock: clock, Logger: logger.With("system", "rentals")})
+		Commander: s.dev, Clock: clock, VerifyKey: o.verifyKey, Logger: logger.With("system", "rentals")})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -44,6 +44,7 @@ var (
 	mACLDenials     = desc("local_acl_denials_total", "Device publishes and subscriptions refused by the ACL.")
 	mBadInput       = desc("local_bad_input_total", "Device payloads dropped as too large or malformed.")
 	mThrottled      = desc("local_throttled_total", "Device publishes held back by local.max_publish_rate.")
+	mRelayDropped   = desc("local_relay_dropped_total", "Relayed rental messages dropped: over 5 a minute per device, or no relay.")
 	mHTTPAuthFail   = desc("http_auth_failures_total", "HTTP requests refused for wrong credentials.")
 
 	mOutboxEvents  = desc("outbox_events", "Events queued for the cloud.")
@@ -62,6 +63,8 @@ var (
 	mUplinkBatches    = desc("uplink_batches_total", "Event messages sent as batches (batch_events > 1).")
 	mUplinkWaits      = desc("uplink_pacing_waits_total", "Publishes held back by uplink.max_publish_rate.")
 	mUplinkRefused    = desc("uplink_refused_total", "Events the cloud could not take: over max_message_kb, or refused; released unsent.")
+	mUplinkLive       = desc("uplink_live_events_total", "Rental and command results also sent ahead of a draining backlog (the drain sends them again).")
+	mUplinkDownHeld   = desc("uplink_down_held_total", "Retries of cloud messages the station could not store, held on the connection.")
 
 	mRentalsActive  = desc("rentals_active", "Rentals starting or running.")
 	mRentalsStarted = desc("rentals_started_total", "Rentals started since edged started.")
@@ -69,6 +72,8 @@ var (
 	mRentalResults  = desc("rental_results_total", "rental.result events since edged started, by reason (ok for success).", "reason")
 	mCommandResults = desc("command_results_total", "command.result events since edged started, by reason (ok for success).", "reason")
 	mUnrentedUse    = desc("unrented_use_total", "Devices stopped for use without a rental.")
+	mCommits        = desc("station_commits_total", "Store commits made by the station's committer, one fsync each.")
+	mCommitChanges  = desc("station_commit_changes_total", "Decisions' changes those commits carried.")
 
 	mBusPortOpen    = desc("bus_port_open", "1 while the bus's serial port is open.", "bus")
 	mBusOpens       = desc("bus_port_opens_total", "Successful opens of the bus's port; more than 1 means it was reopened.", "bus")
@@ -91,11 +96,12 @@ func newStationCollector(s *Server) prometheus.Collector { return stationCollect
 func (c stationCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{mInfo, mUptime, mClockSynced,
 		mDevices, mDevicesOnline, mDevicesStatus, mDevicesMaint, mBrokerClients, mMessagesIn, mMessagesOut,
-		mBrokerAuthFail, mACLDenials, mBadInput, mThrottled, mHTTPAuthFail,
+		mBrokerAuthFail, mACLDenials, mBadInput, mThrottled, mRelayDropped, mHTTPAuthFail,
 		mOutboxEvents, mOutboxBytes, mOutboxOldest, mOutboxDropped, mEventsLastSeq,
 		mUplinkState, mUplinkReconnects, mUplinkConnects, mUplinkAcked,
-		mUplinkProfile, mUplinkMessages, mUplinkEvents, mUplinkBatches, mUplinkWaits, mUplinkRefused,
+		mUplinkProfile, mUplinkMessages, mUplinkEvents, mUplinkBatches, mUplinkWaits, mUplinkRefused, mUplinkLive, mUplinkDownHeld,
 		mRentalsActive, mRentalsStarted, mRentalsEnded, mRentalResults, mCommandResults, mUnrentedUse,
+		mCommits, mCommitChanges,
 		mBusPortOpen, mBusOpens, mBusPortErrors, mBusRequests, mBusTimeouts, mBusCRCErrors,
 		mBusFrameErrors, mBusExceptions, mBusFailedPolls, mBusDevOnline} {
 		ch <- d
@@ -144,6 +150,7 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(mACLDenials, float64(b.ACLDenials))
 		counter(mBadInput, float64(b.BadInput))
 		counter(mThrottled, float64(b.Throttled))
+		counter(mRelayDropped, float64(b.RelayDropped))
 	}
 	counter(mHTTPAuthFail, float64(s.auth.Load().Failures()))
 
@@ -167,6 +174,8 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(mUplinkBatches, float64(u.Batches))
 	counter(mUplinkWaits, float64(u.PacingWaits))
 	counter(mUplinkRefused, float64(u.Refused))
+	counter(mUplinkLive, float64(u.LiveEvents))
+	counter(mUplinkDownHeld, float64(u.DownHeld))
 
 	gauge(mRentalsActive, float64(len(s.cfg.Station.ActiveRentals())))
 	st := s.cfg.Station.Stats()
@@ -187,6 +196,8 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(mCommandResults, float64(v), r)
 	}
 	counter(mUnrentedUse, float64(st.UnrentedUse))
+	counter(mCommits, float64(st.Commits))
+	counter(mCommitChanges, float64(st.CommitChanges))
 
 	buses := s.buses()
 	sort.Slice(buses, func(i, j int) bool { return buses[i].Name < buses[j].Name })

@@ -2,33 +2,7 @@ package web
 
 import (
 	"time"
-
-	"github.com/stationedge/edged"
 )
-
-// UplinkStatus is the cloud link as the page shows it. It mirrors
-// uplink.Status field for field, so cmd/edged converts one into the other
-// with a plain conversion; web does not import uplink.
-type UplinkStatus struct {
-	// State is "connected", "connecting" or "disabled".
-	State string
-	// ConnectedSince is when the current connection came up; zero unless
-	// connected.
-	ConnectedSince time.Time
-	Outbox         edged.OutboxStats
-	LastAckedSeq   uint64
-	Reconnects     int
-	// Connects counts every connection made, the first included.
-	Connects  int
-	LastError string
-	// Profile is the cloud profile (generic, aws, aliyun) and Identity
-	// who the station is there (never a secret).
-	Profile, Identity string
-	// MessagesSent, EventsSent and Batches count what went up; PacingWaits
-	// publishes held back by the rate; Refused events the cloud could not
-	// take.
-	MessagesSent, EventsSent, Batches, PacingWaits, Refused uint64
-}
 
 // BusHealth is an RS-485 bus's figures, mirroring serial.BusHealth with the
 // request counters flattened.
@@ -69,17 +43,4 @@ type DeviceHealth struct {
 	LastErrorAt time.Time
 	PollPeriod  time.Duration
 	LastPoll    time.Time
-}
-
-// BrokerStats are the local broker's counters. It mirrors local.Stats field
-// for field, so cmd/edged converts one into the other with a plain
-// conversion.
-type BrokerStats struct {
-	AuthFailures uint64 // CONNECTs refused
-	ACLDenials   uint64 // publishes and subscriptions outside a device's topics
-	BadInput     uint64 // payloads over 64 KiB or not what the topic needs
-	MessagesIn   uint64 // device messages reported to the station
-	MessagesOut  uint64 // commands published to devices
-	Connected    int    // devices connected now
-	Throttled    uint64 // publishes held back by local.max_publish_rate
 }

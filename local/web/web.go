@@ -2,7 +2,7 @@
 // status page, the JSON API, Prometheus metrics and /healthz, behind HTTP
 // Basic auth.
 //
-// It reads the station through edged.Station and edged.Store, and the
+// It reads the station through edged.StationView and edged.Store, and the
 // uplink, the serial buses and the local broker through the small view
 // structs and funcs of Config, so it imports none of those packages.
 package web
@@ -33,16 +33,18 @@ type Config struct {
 	Listener net.Listener
 	// Users are the technicians allowed in. With none, no auth is asked,
 	// and New refuses any address but a loopback one.
-	Users   []edged.HTTPUser
-	Station *edged.Station
+	Users []edged.HTTPUser
+	// Station is read for devices, rentals and counters, and asked for
+	// maintenance and operator ends.
+	Station edged.StationView
 	// Store gives events and rentals of the past.
 	Store edged.Store
 	// Uplink reports the cloud link; nil means offline-only operation.
-	Uplink func() UplinkStatus
+	Uplink func() edged.UplinkStatus
 	// Buses reports the RS-485 buses; nil means there are none.
 	Buses func() []BusHealth
 	// Broker reports the local broker's counters; nil means none.
-	Broker func() BrokerStats
+	Broker func() edged.BrokerStats
 	// DeviceList says where the device list came from and the last
 	// refused reload or registry; nil means the config, never reloaded.
 	DeviceList func() DeviceListView

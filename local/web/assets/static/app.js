@@ -186,6 +186,14 @@
     td[1].append(status, fault);
     td[2].className = 'online';
     td[3].className = 'renter';
+    // A rental relayed by the device from the renter's phone (docs/relay.md),
+    // typically during an uplink outage, carries a mark.
+    const renter = document.createElement('span');
+    const relayed = document.createElement('span');
+    relayed.className = 'badge muted relayed';
+    relayed.title = 'granted through the device, from the renter\'s phone';
+    relayed.hidden = true;
+    td[3].append(renter, relayed);
     td[4].className = 'left';
     td[5].className = 'seen';
     td[6].className = 'loc';
@@ -200,7 +208,7 @@
     end.addEventListener('click', () => confirmEnd(id, end.dataset.rental, end.dataset.renter));
     td[7].className = 'actions';
     td[7].append(maint, end);
-    r = { tr, td, name, kind, status, fault, maint, end, seen: null };
+    r = { tr, td, name, kind, status, fault, renter, relayed, maint, end, seen: null };
     rows.set(id, r);
     return r;
   }
@@ -221,7 +229,10 @@
       text(r.td[2], d.online ? 'online' : 'OFFLINE');
       cls(r.td[2], 'bad', !d.online);
       const rent = d.rental;
-      text(r.td[3], rent ? rent.renter_id + (d.rental_state === 'starting' ? ' (starting)' : '') : '–');
+      text(r.renter, rent ? rent.renter_id + (d.rental_state === 'starting' ? ' (starting)' : '') : '–');
+      const via = !!rent && d.rental_via === 'device';
+      text(r.relayed, via ? 'relayed' : ''); // empty when hidden: td.renter reads as the renter alone
+      r.relayed.hidden = !via;
       if (rent && typeof d.time_left_s === 'number') {
         left.set(d.device_id, { s: d.time_left_s, at: now });
       } else {
@@ -274,6 +285,7 @@
     if (d.renter_id) parts.push('renter ' + d.renter_id);
     if (d.cmd_id) parts.push('cmd ' + d.cmd_id);
     if (d.op) parts.push(d.op);
+    if (d.via) parts.push('via ' + d.via);
     if (typeof d.ok === 'boolean') parts.push(d.ok ? 'ok' : 'refused');
     if (d.reason) parts.push(d.reason);
     if (typeof d.duration_s === 'number') parts.push(fmtDur(d.duration_s));

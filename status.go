@@ -1,0 +1,82 @@
+package edged
+
+import (
+	"context"
+	"time"
+)
+
+// UplinkStatus describes the cloud link for the status page and
+// /api/v1/status. The uplink reports it; the page reads it.
+type UplinkStatus struct {
+	State string `json:"state"`
+	// ConnectedSince is when the current connection came up; zero unless
+	// connected.
+	ConnectedSince time.Time   `json:"connected_since,omitzero"`
+	Outbox         OutboxStats `json:"outbox"`
+	// LastAckedSeq is the highest seq the cloud broker has acknowledged
+	// (PUBACK) and the outbox has released.
+	LastAckedSeq uint64 `json:"last_acked_seq"`
+	// Reconnects counts connections made after the first one.
+	Reconnects int `json:"reconnects"`
+	// Connects counts every connection made, the first included.
+	Connects int `json:"connects"`
+	// LastError is the last connection or delivery error; it stays after
+	// the link recovers, as a hint for the technician.
+	LastError string `json:"last_error,omitempty"`
+	// Profile is the cloud profile (§3.5): generic, aws or aliyun.
+	Profile string `json:"profile"`
+	// Identity is who the station is at the cloud: the client id, or
+	// product key/device name on aliyun. Never a secret.
+	Identity string `json:"identity"`
+	// MessagesSent counts PUBLISH packets handed to the connection: events,
+	// states, presence and renter messages, resends included.
+	MessagesSent uint64 `json:"messages_sent"`
+	// EventsSent counts events sent, resends included; Batches the event
+	// messages that carried a batch (batch_events > 1).
+	EventsSent uint64 `json:"events_sent"`
+	Batches    uint64 `json:"batches"`
+	// PacingWaits counts publishes held back by max_publish_rate.
+	PacingWaits uint64 `json:"pacing_waits"`
+	// Refused counts events the cloud could not take: larger than
+	// max_message_kb on their own, or refused by the cloud connection after
+	// connection (each is logged and released from the outbox).
+	Refused uint64 `json:"refused"`
+	// LiveEvents counts rental and command results also sent ahead of a
+	// draining backlog on the live lane (docs/uplink.md); the in-order
+	// drain sends each again, so the cloud sees them twice.
+	LiveEvents uint64 `json:"live_events"`
+	// DownHeld counts retries of cloud messages the station could not
+	// store (a full disk), held on the connection rather than dropping it.
+	DownHeld uint64 `json:"down_held"`
+}
+
+// BrokerStats are the local broker's counters, for the status page and
+// metrics. The broker (local) returns them and the page (local/web) reads
+// them: one definition for both.
+type BrokerStats struct {
+	AuthFailures uint64 // CONNECTs refused: unknown device, wrong secret, bad client id or will
+	ACLDenials   uint64 // publishes and subscriptions outside the device's own topics
+	BadInput     uint64 // payloads over 64 KiB or not what the topic needs
+	MessagesIn   uint64 // device messages reported to the station
+	MessagesOut  uint64 // commands published to devices
+	Connected    int    // devices connected now
+	Throttled    uint64 // publishes held back by local.max_publish_rate
+	RelayDropped uint64 // relayed rental messages dropped: over the limit, or no relay
+}
+
+// StationView is what the technicians' page reads and asks of the
+// station. Station implements it; the page needs nothing else of it.
+type StationView interface {
+	ID() string
+	DeviceStates() []DeviceState
+	// Device errors: ENOTFOUND.
+	Device(id string) (DeviceState, error)
+	ActiveRentals() []Rental
+	Stats() StationStats
+	// SetMaintenance errors: ENOTFOUND, EUNAVAILABLE.
+	SetMaintenance(ctx context.Context, id string, on bool) error
+	// EndRental errors: ENOTFOUND, EUNAVAILABLE.
+	EndRental(ctx context.Context, rentalID string, reason Reason) error
+}
+
+var _ StationView = (*Station)(nil)
