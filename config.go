@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"time"
 )
@@ -20,8 +21,18 @@ type Config struct {
 	HTTP     HTTPConfig         `yaml:"http"`
 	Serial   SerialConfig       `yaml:"serial"`
 	Profiles map[string]Profile `yaml:"profiles"`
-	Devices  []Device           `yaml:"devices"`
+	// DevicesFrom says who manages the device list: "config" (the
+	// default, this file) or "cloud" (signed registries, §3.6, with
+	// Devices only seeding it until the first one arrives).
+	DevicesFrom string   `yaml:"devices_from"`
+	Devices     []Device `yaml:"devices"`
 }
+
+// Where the device list comes from (devices_from, §8).
+const (
+	DevicesFromConfig = "config"
+	DevicesFromCloud  = "cloud"
+)
 
 // StationConfig names the station.
 type StationConfig struct {
@@ -431,10 +442,29 @@ func (c *Config) Validate(checkProfile ProfileChecker) error {
 			}
 		}
 	}
+	if c.DevicesFrom != "" && c.DevicesFrom != DevicesFromConfig && c.DevicesFrom != DevicesFromCloud {
+		add("devices_from", "must be config or cloud")
+	}
+	errs = append(errs, c.ValidateDevices(c.Devices, "devices")...)
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// ValidateDevices checks a device list against the contract and the rest
+// of c (a serial device's bus and profile must exist): the config file's
+// devices and a registry from the cloud (§3.6) are checked alike. Paths
+// start with path, such as "devices[2].id".
+func (c *Config) ValidateDevices(devs []Device, path string) ConfigErrors {
+	var errs ConfigErrors
+	add := func(path, format string, args ...any) {
+		errs = append(errs, FieldError{Path: path, Message: fmt.Sprintf(format, args...)})
+	}
 	ids := map[string]bool{}
 	units := map[string]bool{}
-	for i, d := range c.Devices {
-		p := fmt.Sprintf("devices[%d]", i)
+	for i, d := range devs {
+		p := fmt.Sprintf("%s[%d]", path, i)
 		if !ValidDeviceID(d.ID) {
 			add(p+".id", "%q is not a device id ([A-Za-z0-9_-]{1,64})", d.ID)
 		}
@@ -450,14 +480,22 @@ func (c *Config) Validate(checkProfile ProfileChecker) error {
 		}
 		switch d.Transport {
 		case TransportMQTT:
-			if !bcryptHash(d.SecretHash) {
+			if d.SecretHash == "" && len(d.SecretHashes) == 0 {
+				add(p+".secret_hash", "an mqtt device needs secret_hash or secret_hashes (edged hash-secret)")
+			}
+			if d.SecretHash != "" && !bcryptHash(d.SecretHash) {
 				add(p+".secret_hash", "must be a bcrypt hash (edged hash-secret)")
+			}
+			for j, h := range d.SecretHashes {
+				if !bcryptHash(h) {
+					add(fmt.Sprintf("%s.secret_hashes[%d]", p, j), "must be a bcrypt hash (edged hash-secret)")
+				}
 			}
 			if d.Bus != "" || d.Unit != 0 || d.Profile != "" {
 				add(p+".transport", "bus, unit and profile are for serial devices")
 			}
 		case TransportSerial:
-			if !buses[d.Bus] {
+			if !slices.ContainsFunc(c.Serial.Buses, func(b Bus) bool { return b.Name == d.Bus }) {
 				add(p+".bus", "no bus named %q in serial.buses", d.Bus)
 			}
 			if d.Unit < 1 || d.Unit > 247 {
@@ -471,17 +509,14 @@ func (c *Config) Validate(checkProfile ProfileChecker) error {
 			if _, ok := c.Profiles[d.Profile]; !ok {
 				add(p+".profile", "no profile named %q", d.Profile)
 			}
-			if d.SecretHash != "" {
+			if d.SecretHash != "" || len(d.SecretHashes) > 0 {
 				add(p+".secret_hash", "serial devices have no secret")
 			}
 		default:
 			add(p+".transport", "must be mqtt or serial")
 		}
 	}
-	if len(errs) > 0 {
-		return errs
-	}
-	return nil
+	return errs
 }
 
 // validateProfile checks uplink.profile and what it requires (§3.5).

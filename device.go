@@ -57,10 +57,14 @@ type Device struct {
 	Kind       string    `yaml:"kind"`
 	Transport  Transport `yaml:"transport"`
 	SecretHash string    `yaml:"secret_hash"`
-	Location   *Location `yaml:"location"`
-	Bus        string    `yaml:"bus"`
-	Unit       int       `yaml:"unit"`
-	Profile    string    `yaml:"profile"`
+	// SecretHashes are more accepted secrets beside SecretHash, so a
+	// secret can be rolled without a gap: add the new hash, let the device
+	// switch, remove the old one.
+	SecretHashes []string  `yaml:"secret_hashes"`
+	Location     *Location `yaml:"location"`
+	Bus          string    `yaml:"bus"`
+	Unit         int       `yaml:"unit"`
+	Profile      string    `yaml:"profile"`
 }
 
 // DeviceRental is the binding of a device to its renter, as shown in

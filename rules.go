@@ -340,7 +340,7 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 		// The grant and its refusal wait in memory; the message is not
 		// acknowledged until they are durable.
 		return refuse(ReasonUnavailable, true)
-	case !ok:
+	case !ok || s.devs.retiring[m.DeviceID]:
 		return refuse(ReasonUnknownDevice, true)
 	case rec.state.Maintenance:
 		return refuse(ReasonMaintenance, true)

@@ -114,6 +114,8 @@ type Station struct {
 
 	// deciding is the rental message being decided, if any: see relay.go.
 	deciding decision
+
+	devs deviceList // the list's changes at run time: devicelist.go
 }
 
 // NewStation returns a Station for the given devices. Call Open before use.

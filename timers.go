@@ -67,6 +67,7 @@ func (s *Station) Tick(ctx context.Context) time.Time {
 	// stops' records are deleted with this pass's commit.
 	t.nudge = len(s.unrecorded) > 0 || len(s.stopsDone) > 0
 	s.expireLocked(ctx, now)
+	s.sweepRetiringLocked()
 	if len(s.live) > 0 && now.Sub(s.lastCheckpoint) >= CheckpointInterval {
 		s.checkpointLocked(ctx, now)
 	}

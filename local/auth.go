@@ -305,7 +305,14 @@ func (s *secrets) run(j *bcryptJob) {
 	if f := s.beforeBcrypt.Load(); f != nil {
 		(*f)()
 	}
-	err := bcrypt.CompareHashAndPassword(j.hash, j.secret)
+	// A device may have several accepted secrets while one is rolled
+	// (secret_hashes): its hashes are kept joined by newlines.
+	err := bcrypt.ErrMismatchedHashAndPassword
+	for h := range bytes.SplitSeq(j.hash, []byte("\n")) {
+		if err = bcrypt.CompareHashAndPassword(h, j.secret); err == nil {
+			break
+		}
+	}
 	s.mu.Lock()
 	current := bytes.Equal(s.hashes[j.id], j.hash) // not replaced meanwhile
 	if err != nil {

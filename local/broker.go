@@ -153,8 +153,15 @@ type Broker struct {
 	log      *slog.Logger
 	srv      *mqtt.Server
 	reporter edged.DeviceReporter
-	devices  map[string]*device
-	secrets  *secrets
+	// devices are the configured MQTT devices, replaced whole (copy on
+	// write) when the device list changes: read on every packet, written
+	// on a reload.
+	devices atomic.Pointer[map[string]*device]
+	secrets *secrets
+	// applyMu serializes device list changes; drops counts the sessions
+	// they closed (removed devices, changed secrets).
+	applyMu sync.Mutex
+	drops   atomic.Uint64
 
 	// ctx is cancelled by Close; reporter calls derive from it.
 	ctx    context.Context
@@ -239,11 +246,12 @@ func New(cfg Config) (*Broker, error) {
 		if _, dup := devices[d.ID]; dup {
 			return nil, fmt.Errorf("local: device %q declared twice", d.ID)
 		}
-		if _, err := bcrypt.Cost([]byte(d.SecretHash)); err != nil {
-			return nil, fmt.Errorf("local: device %q: secret_hash is not a bcrypt hash", d.ID)
+		h, err := joinHashes(d)
+		if err != nil {
+			return nil, err
 		}
 		devices[d.ID] = &device{id: d.ID, limit: newRateLimit(cfg.MaxPublishRate)}
-		hashes[d.ID] = []byte(d.SecretHash)
+		hashes[d.ID] = h
 	}
 
 	caps := mqtt.NewDefaultServerCapabilities()
@@ -274,7 +282,6 @@ func New(cfg Config) (*Broker, error) {
 		cfg:      cfg,
 		log:      log,
 		reporter: cfg.Reporter,
-		devices:  devices,
 		secrets:  newSecrets(hashes, max(1, runtime.NumCPU()/2), cfg.DataDir, log),
 		ctx:      ctx,
 		cancel:   cancel,
@@ -282,6 +289,7 @@ func New(cfg Config) (*Broker, error) {
 		authLog:  newLogGate(log, authLogWindow, authLogBurst, "device refusals not logged"),
 		inputLog: newLogGate(log, time.Minute, 1, ""),
 	}
+	b.devices.Store(&devices)
 	b.srv = mqtt.New(&mqtt.Options{
 		Capabilities:           caps,
 		InlineClient:           true,
@@ -440,7 +448,7 @@ func (b *Broker) Close() error {
 func (b *Broker) SetSecrets(hashes map[string]string) error {
 	next := make(map[string][]byte, len(hashes))
 	for id, h := range hashes {
-		if _, ok := b.devices[id]; !ok {
+		if b.device(id) == nil {
 			return fmt.Errorf("local: set secrets: unknown mqtt device %q", id)
 		}
 		if _, err := bcrypt.Cost([]byte(h)); err != nil {
@@ -484,8 +492,8 @@ func (b *Broker) Stats() Stats {
 // command without a valid cmd_id or action, EUNAVAILABLE when the device is
 // not connected or the broker is not serving.
 func (b *Broker) Send(ctx context.Context, deviceID string, cmd edged.DeviceCommand) error {
-	d, ok := b.devices[deviceID]
-	if !ok {
+	d := b.device(deviceID)
+	if d == nil {
 		return &edged.Error{Code: edged.ENOTFOUND, Reason: edged.ReasonUnknownDevice, Message: fmt.Sprintf("unknown mqtt device %q", deviceID)}
 	}
 	if err := ctx.Err(); err != nil {

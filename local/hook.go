@@ -16,6 +16,9 @@ import (
 // take, so the client resends it after reconnecting.
 var errReportFailed = errors.New("station could not take the message")
 
+// errDeviceListChanged ends the session of a device removed or given new secrets.
+var errDeviceListChanged = errors.New("device list changed")
+
 // hook is the broker's only mochi hook: authentication, ACL, ingest and
 // presence. mochi ORs auth hooks, so there must never be another one (no
 // AllowHook) beside it.
@@ -47,7 +50,7 @@ func (h *hook) Provides(b byte) bool { return bytes.IndexByte(provided, b) >= 0 
 // topics with a payload the topic accepts.
 func (b *Broker) authenticate(pk packets.Packet) error {
 	id := string(pk.Connect.Username)
-	if _, ok := b.devices[id]; !ok || !pk.Connect.UsernameFlag {
+	if b.device(id) == nil || !pk.Connect.UsernameFlag {
 		return errUnknownDevice
 	}
 	if pk.Connect.ClientIdentifier != id {
@@ -95,7 +98,7 @@ func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	// Refusals of configured devices and of made-up ids are limited
 	// apart, so a flood of made-up ids cannot hide a real device's.
 	kind := "unknown"
-	if _, known := b.devices[string(pk.Connect.Username)]; known {
+	if b.device(string(pk.Connect.Username)) != nil {
 		kind = "known"
 	}
 	if ok, _ := b.authLog.allow(kind, "ids", kind); ok {
@@ -160,7 +163,7 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 			return pk, refusal(v5, qos, code)
 		}
 	}
-	if d := b.devices[cl.ID]; d != nil && d.limit != nil {
+	if d := b.device(cl.ID); d != nil && d.limit != nil {
 		if wait := d.limit.reserve(time.Now()); wait > 0 {
 			b.throttled.Add(1)
 			t := time.NewTimer(wait)
@@ -228,7 +231,7 @@ func (b *Broker) reportFailed(cl *mqtt.Client, pk packets.Packet, err error) err
 // reports the device online.
 func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	b := h.b
-	d := b.devices[cl.ID]
+	d := b.device(cl.ID)
 	if d == nil || cl.Net.Inline {
 		return
 	}
@@ -249,7 +252,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 // live session any more (taken over by a reconnect of the same device).
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	b := h.b
-	d := b.devices[cl.ID]
+	d := b.device(cl.ID)
 	if d == nil || cl.Net.Inline {
 		return
 	}
@@ -277,7 +280,7 @@ func (h *hook) OnPacketProcessed(cl *mqtt.Client, pk packets.Packet, err error) 
 	if err != nil || pk.FixedHeader.Type != packets.Subscribe || cl.Net.Inline {
 		return
 	}
-	if d := h.b.devices[cl.ID]; d != nil {
+	if d := h.b.device(cl.ID); d != nil {
 		h.b.flushPending(d)
 	}
 }
@@ -292,7 +295,7 @@ func (h *hook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
 // had published it.
 func (h *hook) OnWillSent(cl *mqtt.Client, pk packets.Packet) {
 	b := h.b
-	if cl.Net.Inline || b.devices[cl.ID] == nil {
+	if cl.Net.Inline || b.device(cl.ID) == nil {
 		return
 	}
 	kind, ok := upTopic(cl.ID, pk.TopicName)

@@ -26,6 +26,11 @@ else
 	chmod 0755 "$root/usr/bin/edged"
 fi
 
+# ExecReload runs /bin/kill (procps), which the scratch root lacks.
+mkdir -p "$root/bin"
+printf '#!/bin/sh\n' >"$root/bin/kill"
+chmod 0755 "$root/bin/kill"
+
 cd "$root"
 out=$(systemd-analyze verify --root="$root" edged.service 2>&1) || true
 if [[ -n $out ]]; then

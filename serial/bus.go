@@ -93,10 +93,15 @@ type Bus struct {
 	running atomic.Bool
 	wake    chan struct{}
 
-	mu     sync.Mutex // guards what follows
-	queue  []*command
-	portUp bool
-	health BusHealth
+	// applyMu serializes device list changes: devices.go.
+	applyMu sync.Mutex
+
+	mu       sync.Mutex // guards what follows, and devices and byID
+	change   *listChange
+	profiles map[string]edged.Profile
+	queue    []*command
+	portUp   bool
+	health   BusHealth
 }
 
 // device is one serial device. Fields above mu-guarded ones are owned by
@@ -263,7 +268,7 @@ func FrameGap(b edged.Bus) time.Duration {
 // device is known offline or the port is not open, EUNAVAILABLE
 // (device_busy) when too many commands wait.
 func (b *Bus) Send(ctx context.Context, deviceID string, cmd edged.DeviceCommand) error {
-	d := b.byID[deviceID]
+	d := b.device(deviceID)
 	if d == nil {
 		return &edged.Error{Code: edged.ENOTFOUND, Reason: edged.ReasonUnknownDevice,
 			Message: fmt.Sprintf("no device %q on serial bus %s", deviceID, b.cfg.Bus.Name)}
@@ -313,6 +318,7 @@ func (b *Bus) Run(ctx context.Context) error {
 	defer timer.Stop()
 	next := 0 // round robin among devices due at the same time
 	for ctx.Err() == nil {
+		b.takeChange()
 		now := time.Now()
 		if r.port == nil && !now.Before(r.reopenAt) {
 			r.openPort()

@@ -216,7 +216,7 @@ func endedByCloud(err error) bool {
 
 func (s *session) serve(ctx context.Context, client mqtt.Client) error {
 	u := s.u
-	sub := client.SubscribeMultiple(map[string]byte{u.topics.downRentals: 1, u.topics.downCommands: 1}, nil)
+	sub := client.SubscribeMultiple(u.downTopics(), nil)
 	if err := s.wait(ctx, sub, u.ackTimeout()); err != nil {
 		return fmt.Errorf("subscribe: %w", err)
 	}
@@ -958,6 +958,8 @@ func (s *session) handleDown() {
 			handle = h.Rental
 		case s.u.topics.downCommands:
 			handle = h.RenterCommand
+		case s.u.topics.downRegistry:
+			handle = s.u.cfg.Registry.Registry
 		default:
 			// Not ours (a stale subscription of this client id): drop it,
 			// or the broker would redeliver it forever.

@@ -44,6 +44,9 @@ type Config struct {
 	Outbox  edged.Outbox
 	States  edged.StateSource
 	Handler edged.CloudHandler
+	// Registry, when set, receives the device registries of
+	// R/S/down/registry (§3.6), acknowledged as Handler's messages are.
+	Registry edged.RegistryHandler
 
 	// Clock gives started_at and the outbox's oldest age; nil means
 	// edged.SystemClock{}.
@@ -124,6 +127,8 @@ type Uplink struct {
 // topics are the uplink's MQTT topics, R/S/... or /PK/DN/user/... (aliyun).
 type topics struct {
 	gateway, events, downRentals, downCommands string
+	// downRegistry is "" when no Registry handler is set: not subscribed.
+	downRegistry string
 	// devicePrefix+D is a device's state topic; in aliyun devicePrefix is
 	// empty and every state goes to devices.
 	devicePrefix, devices string
@@ -271,6 +276,7 @@ func New(cfg Config) (*Uplink, error) {
 			downRentals:  r + "rentals",
 			downCommands: r + "commands",
 		}
+		u.setRegistryTopic(r + "registry")
 		if c.TopicRoot != defaultTopicRoot || c.RenterTopic != "" {
 			u.log.Info("topic_root and renter_topic do not apply to profile aliyun", "topics", r+"...")
 		}
@@ -284,6 +290,7 @@ func New(cfg Config) (*Uplink, error) {
 		downRentals:  r + "/down/rentals",
 		downCommands: r + "/down/commands",
 	}
+	u.setRegistryTopic(r + "/down/registry")
 	return u, nil
 }
 

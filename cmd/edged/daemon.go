@@ -31,6 +31,8 @@ type Main struct {
 	// http.listen (tests use :0).
 	LocalListener net.Listener
 	HTTPListener  net.Listener
+	// ConfigPath is the file Reload reads (SIGHUP).
+	ConfigPath string
 
 	StartedAt time.Time
 	Store     *store.DB
@@ -39,6 +41,9 @@ type Main struct {
 	Buses     []*serial.Bus
 	Uplink    *uplink.Uplink
 	HTTP      *web.Server
+
+	router *commandRouter
+	devs   deviceLists // reloads and registries: devicelist.go
 
 	cancel  context.CancelFunc
 	loopsAt time.Time // when the rental loop was started
@@ -75,6 +80,7 @@ func (m *Main) Run(ctx context.Context) error {
 		return fmt.Errorf("open store: %w", err)
 	}
 	m.Store = db
+	cfg.Devices = m.startDevices(ctx, cfg)
 
 	var verifyKey []byte
 	if cfg.Rentals.VerifyKey != "" {
@@ -85,6 +91,7 @@ func (m *Main) Run(ctx context.Context) error {
 		verifyKey = k
 	}
 	router := &commandRouter{links: map[string]edged.Commander{}}
+	m.router = router
 	st, err := edged.NewStation(edged.StationOptions{
 		ID: cfg.Station.ID, Devices: cfg.Devices, Store: db, Commander: router, Clock: m.Clock,
 		VerifyKey: verifyKey, StartTimeout: cfg.Rentals.StartTimeout,
@@ -139,6 +146,7 @@ func (m *Main) Run(ctx context.Context) error {
 		}
 		m.goRun(runCtx, "serial "+b.Name, bus.Run)
 	}
+	m.settleDevices(ctx)
 	if err := broker.Start(runCtx); err != nil {
 		return fmt.Errorf("local broker: %w", err)
 	}
@@ -147,7 +155,7 @@ func (m *Main) Run(ctx context.Context) error {
 
 	up, err := uplink.New(uplink.Config{
 		UplinkConfig: cfg.Uplink, StationID: cfg.Station.ID, StationName: cfg.Station.Name,
-		StationLocation: cfg.Station.Location, Outbox: db, States: st, Handler: st,
+		StationLocation: cfg.Station.Location, Outbox: db, States: st, Handler: st, Registry: registryHandler{m},
 		Clock: m.Clock, Logger: log, StartedAt: m.StartedAt, // the uplink scopes its logger itself
 	})
 	if err != nil {
@@ -174,9 +182,10 @@ func (m *Main) Run(ctx context.Context) error {
 				}
 				return out
 			},
-			Broker:    broker.Stats,
-			Healthy:   m.Healthy,
-			StationID: cfg.Station.ID, StationName: cfg.Station.Name, Version: edged.Version,
+			Broker:     broker.Stats,
+			DeviceList: m.deviceListView,
+			Healthy:    m.Healthy,
+			StationID:  cfg.Station.ID, StationName: cfg.Station.Name, Version: edged.Version,
 			StartedAt: m.StartedAt, Logger: log.With("system", "http"),
 		})
 		if err != nil {
@@ -192,6 +201,7 @@ func (m *Main) Run(ctx context.Context) error {
 		return nil
 	})
 	m.goRun(runCtx, "status", m.reportStatus)
+	m.goRun(runCtx, "devices", m.retireLoop)
 
 	log.Info("edged serving", "version", edged.Version, "station", cfg.Station.ID,
 		"devices", len(cfg.Devices), "local", broker.Addr().String(), "data_dir", cfg.DataDir,
@@ -296,14 +306,7 @@ func (m *Main) reportStatus(ctx context.Context) error {
 	defer t.Stop()
 	last := ""
 	for {
-		online := 0
-		for _, d := range m.Station.DeviceStates() {
-			if d.Online {
-				online++
-			}
-		}
-		s := fmt.Sprintf("%d/%d devices online, %d rentals, uplink %s",
-			online, len(m.Config.Devices), len(m.Station.ActiveRentals()), m.uplinkState())
+		s := m.statusLine()
 		if s != last {
 			_ = systemd.Status(s)
 			last = s
@@ -382,11 +385,36 @@ func releaseOutbox(ctx context.Context, o edged.Outbox) error {
 
 // commandRouter sends each device's commands over its own link.
 type commandRouter struct {
-	links map[string]edged.Commander // written before the station runs
+	mu    sync.RWMutex // a device list change writes links while the station sends
+	links map[string]edged.Commander
+}
+
+// apply routes added and changed devices to their link and forgets gone
+// ones.
+func (r *commandRouter) apply(d edged.DeviceDiff, m *Main) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, g := range d.Gone() {
+		delete(r.links, g.ID)
+	}
+	for _, dev := range append(append([]edged.Device{}, d.Added...), d.Changed...) {
+		delete(r.links, dev.ID)
+		if dev.Transport == edged.TransportMQTT {
+			r.links[dev.ID] = m.Broker
+			continue
+		}
+		for _, b := range m.Buses {
+			if b.Name() == dev.Bus {
+				r.links[dev.ID] = b
+			}
+		}
+	}
 }
 
 func (r *commandRouter) Send(ctx context.Context, id string, c edged.DeviceCommand) error {
+	r.mu.RLock()
 	l, ok := r.links[id]
+	r.mu.RUnlock()
 	if !ok {
 		return &edged.Error{Code: edged.ENOTFOUND, Reason: edged.ReasonUnknownDevice, Message: "no link to device " + id}
 	}

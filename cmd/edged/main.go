@@ -33,6 +33,9 @@ const usage = `usage: edged [-config FILE]            run the station daemon
        edged keygen -out FILE           write a rental signing key, print its public key
        edged sign-rental -key FILE -station S
                                         read a rental message on stdin, print it signed
+       edged sign-registry -key FILE -station S -version N
+                                        read a devices list (YAML or JSON) on stdin,
+                                        print the registry message to publish
        edged version                    print the version
 `
 
@@ -103,6 +106,17 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 			return errors.New("sign-rental needs -key FILE and -station S")
 		}
 		return signRental(*keyPath, *station, stdin, stdout)
+	case "sign-registry":
+		keyPath := fs.String("key", "", "private key file from edged keygen")
+		station := fs.String("station", "", "station id the registry is for")
+		version := fs.Uint64("version", 0, "registry version, greater than the one applied")
+		if err := fs.Parse(args); err != nil {
+			return err
+		}
+		if *keyPath == "" || *station == "" || *version == 0 {
+			return errors.New("sign-registry needs -key FILE, -station S and -version N (at least 1)")
+		}
+		return signRegistry(*keyPath, *station, *version, stdin, stdout)
 	case "version":
 		fmt.Fprintln(stdout, "edged", edged.Version)
 		return nil
@@ -130,12 +144,33 @@ func runDaemon(ctx context.Context, configPath string, stderr io.Writer) error {
 		return err
 	}
 	logger := newLogger(stderr)
+	// SIGHUP reloads (§9); Go's default would end the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	m := NewMain(cfg, logger)
+	m.ConfigPath = configPath
+	if m.ConfigPath == "" {
+		if _, err := os.Stat(defaultConfigPath); err == nil {
+			m.ConfigPath = defaultConfigPath
+		}
+	}
 	if err := m.Run(ctx); err != nil {
 		m.Close()
 		return err
 	}
-	<-ctx.Done()
+	for waiting := true; waiting; {
+		select {
+		case <-ctx.Done():
+			waiting = false
+		case <-hup:
+			if m.ConfigPath == "" {
+				logger.Warn("reload: no config file to read (running on the built-in defaults)")
+			} else {
+				_ = m.Reload(ctx) // a refusal is logged and shown by Reload
+			}
+		}
+	}
 	logger.Info("stopping")
 	_ = systemd.Stopping()
 	return m.Close()
@@ -229,6 +264,38 @@ func signRental(keyPath, station string, stdin io.Reader, stdout io.Writer) erro
 	sig, _ := json.Marshal(edged.SignRental(priv, station, m))
 	obj["sig"] = sig
 	out, err := json.Marshal(obj)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, string(out))
+	return nil
+}
+
+// signRegistry reads a devices list (YAML or JSON) and prints the registry
+// message of §3.6: the list as a JSON string, the version and the sig.
+func signRegistry(keyPath, station string, version uint64, stdin io.Reader, stdout io.Writer) error {
+	if !edged.ValidStationID(station) {
+		return fmt.Errorf("bad station id %q", station)
+	}
+	priv, err := readPrivateKey(keyPath)
+	if err != nil {
+		return err
+	}
+	data, err := io.ReadAll(io.LimitReader(stdin, 16<<20))
+	if err != nil {
+		return fmt.Errorf("read devices: %w", err)
+	}
+	devs, err := readDeviceList(data)
+	if err != nil {
+		return err
+	}
+	list, err := json.Marshal(devs)
+	if err != nil {
+		return err
+	}
+	m := edged.RegistryMessage{Version: version, Devices: string(list)}
+	m.Sig = edged.SignRegistry(priv, station, m)
+	out, err := json.Marshal(m)
 	if err != nil {
 		return err
 	}

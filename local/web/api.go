@@ -60,7 +60,10 @@ func (s *Server) routes() http.Handler {
 		}
 		writeError(w, code, http.StatusText(code))
 	})
-	h = s.auth.wrap(h)
+	inner := h
+	h = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.auth.Load().wrap(inner).ServeHTTP(w, r) // the users of this moment
+	})
 	cop := http.NewCrossOriginProtection()
 	cop.SetDenyHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "cross-origin request refused")
@@ -253,6 +256,27 @@ type StatusView struct {
 	Buses            []BusView   `json:"buses"`
 	Broker           *BrokerView `json:"broker,omitempty"`
 	HTTPAuthFailures uint64      `json:"http_auth_failures"`
+	// DeviceList is where the device list came from (§3.6, §9).
+	DeviceList *DeviceListView `json:"device_list,omitempty"`
+}
+
+// DeviceListView is where the device list came from: "config" or
+// "registry" (with its version), when it was applied, and the last
+// reload or registry refused, with its reason.
+type DeviceListView struct {
+	From        string       `json:"from"`
+	Version     uint64       `json:"version,omitempty"`
+	AppliedAt   time.Time    `json:"applied_at"`
+	LastRefusal *RefusalView `json:"last_refusal,omitempty"`
+}
+
+// RefusalView is a refused reload or registry.
+type RefusalView struct {
+	At      time.Time `json:"at"`
+	What    string    `json:"what"`
+	Version uint64    `json:"version,omitempty"`
+	Reason  string    `json:"reason"`
+	Errors  []string  `json:"errors,omitempty"`
 }
 
 // outboxStatser is what a Store that is also the outbox offers.
@@ -326,7 +350,7 @@ func (s *Server) status() StatusView {
 		},
 		Devices:          countDevices(s.cfg.Station.DeviceStates()),
 		Buses:            []BusView{},
-		HTTPAuthFailures: s.auth.Failures(),
+		HTTPAuthFailures: s.auth.Load().Failures(),
 	}
 	v.Rentals.Active = len(s.cfg.Station.ActiveRentals())
 	for _, b := range s.buses() {
@@ -340,6 +364,10 @@ func (s *Server) status() StatusView {
 				PollPeriodS: d.PollPeriod.Seconds(), LastError: d.LastError})
 		}
 		v.Buses = append(v.Buses, bv)
+	}
+	if s.cfg.DeviceList != nil {
+		dl := s.cfg.DeviceList()
+		v.DeviceList = &dl
 	}
 	if s.cfg.Broker != nil {
 		b := s.cfg.Broker()

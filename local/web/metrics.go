@@ -152,7 +152,7 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(mThrottled, float64(b.Throttled))
 		counter(mRelayDropped, float64(b.RelayDropped))
 	}
-	counter(mHTTPAuthFail, float64(s.auth.Failures()))
+	counter(mHTTPAuthFail, float64(s.auth.Load().Failures()))
 
 	u := s.uplinkStatus()
 	gauge(mOutboxEvents, float64(u.Outbox.Events))

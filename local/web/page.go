@@ -37,7 +37,7 @@ type pageData struct {
 func (s *Server) page(w http.ResponseWriter, r *http.Request) {
 	var buf bytes.Buffer
 	if err := pageTmpl.Execute(&buf, pageData{StationID: s.cfg.StationID, StationName: s.cfg.StationName,
-		Version: s.cfg.Version, Auth: s.auth.enabled()}); err != nil {
+		Version: s.cfg.Version, Auth: s.auth.Load().enabled()}); err != nil {
 		s.log.Error("render status page", "err", err)
 		writeError(w, http.StatusInternalServerError, "internal error")
 		return

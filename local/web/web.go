@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -44,6 +45,9 @@ type Config struct {
 	Buses func() []BusHealth
 	// Broker reports the local broker's counters; nil means none.
 	Broker func() edged.BrokerStats
+	// DeviceList says where the device list came from and the last
+	// refused reload or registry; nil means the config, never reloaded.
+	DeviceList func() DeviceListView
 	// Healthy is nil while the store is writable and the broker is
 	// serving (/healthz); nil means always healthy.
 	Healthy func() error
@@ -72,7 +76,7 @@ const (
 type Server struct {
 	cfg     Config
 	log     *slog.Logger
-	auth    *authenticator
+	auth    atomic.Pointer[authenticator] // swapped whole by SetUsers
 	reg     *prometheus.Registry
 	handler http.Handler
 	srv     *http.Server
@@ -125,7 +129,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.StartedAt = cfg.Clock.Now()
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger}
-	s.auth = newAuthenticator(cfg.Users, s.log)
+	s.auth.Store(newAuthenticator(cfg.Users, s.log))
 	s.reg = s.newRegistry()
 	s.handler = s.routes()
 	s.srv = &http.Server{

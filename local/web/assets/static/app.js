@@ -114,6 +114,16 @@
     text($('#dev-fault'), d.fault);
     text($('#dev-maint'), d.maintenance);
     text($('#rentals-active'), st.rentals.active);
+    const dl = st.device_list;
+    if (dl) {
+      text($('#dev-source'), dl.from === 'registry'
+        ? 'registry v' + dl.version + ', ' + new Date(dl.applied_at).toLocaleString()
+        : 'config, ' + new Date(dl.applied_at).toLocaleString());
+      const r = dl.last_refusal;
+      $('#dev-refusal-row').hidden = !r;
+      text($('#dev-refusal'), r ? r.what + (r.version ? ' v' + r.version : '') + ': ' + r.reason +
+        (r.errors && r.errors.length ? ' — ' + r.errors.join('; ') : '') : '');
+    }
     cls($('#devices-card'), 'bad', d.fault > 0);
     cls($('#devices-card'), 'warn', d.fault === 0 && d.online < d.total);
 
