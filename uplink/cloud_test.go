@@ -46,6 +46,9 @@ func startCloud(t *testing.T, profile, dir, addr string, o cloudemu.Options) *cl
 func cloudConfig(t *testing.T, s *station, c *cloudemu.Cloud, profile, url string) Config {
 	cfg := s.config(t, url)
 	cfg.Profile = profile
+	// These tests count connections and refusals: a keepalive that a loaded
+	// machine cannot miss, rather than the package's usual 1 s.
+	cfg.KeepAlive = 5 * time.Second
 	switch profile {
 	case edged.ProfileAWS:
 		cfg.KeepAlive = 30 * time.Second
