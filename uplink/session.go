@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
+	"math"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,10 +27,12 @@ type session struct {
 	down  chan mqtt.Message
 	since time.Time
 
-	// failed is set once a down message could not be made durable: later
-	// messages of this connection are left unacknowledged too, so the
-	// broker redelivers them in their original order.
-	failed atomic.Bool
+	// failedAt is the arrival index of the first down message that could
+	// not be made durable: later messages of this connection are left
+	// unacknowledged too, so the broker redelivers them in their original
+	// order. heldAt is the first one the store could not take now: from it
+	// on the connection's down messages are handled serially.
+	failedAt, heldAt atomic.Int64
 
 	window []inflight
 
@@ -926,68 +930,243 @@ func (s *session) onMessage(_ mqtt.Client, m mqtt.Message) {
 	}
 }
 
-// handleDown gives messages from the cloud to the station one at a time,
-// in arrival order. It acknowledges a message only once the station
-// returned nil, that is once it is durable.
+// handleDown gives messages from the cloud to the station and acknowledges
+// each one only once the station returned nil, that is once it is durable.
 //
-// When the station cannot store it now (EUNAVAILABLE: the disk is full)
-// the connection is kept: the message is held unacknowledged and handed to
-// the station again with backoff (downRetryFirst doubling to
-// downRetryMax) until it is stored, and every later message of the
-// connection waits behind it, so they are handled and acknowledged in
-// order. Dropping the link instead would cost the outage a reconnect loop
-// and every device state meanwhile. On any other error it leaves the
-// message (and every later one of this connection) unacknowledged and
-// ends the session: the broker redelivers them, in order, on the next
-// connection (the session is persistent, CleanSession=false).
+// Rental and command messages are decided by a small pool of workers keyed
+// by the message's device_id, so messages for different devices reach the
+// station together and share its group commit, while those for one device
+// stay in arrival order (one worker, one queue). PUBACKs still go in the
+// order the messages arrived (MQTT 3.1.1 §4.6, [MQTT-4.6.0-2]; paho's
+// msg.Ack writes each ack when called): ackDown releases message i only
+// after every message before it. Any other topic is a barrier: handled
+// alone, once everything before it is acknowledged.
+//
+// When the station cannot store a message now (EUNAVAILABLE: the disk is
+// full) the connection is kept: from that message on the connection is
+// serial again. No worker hands a later message to the station; ackDown
+// hands the held one again with backoff (downRetryFirst doubling to
+// downRetryMax) until it is stored, then each later one in order. Dropping
+// the link instead would cost the outage a reconnect loop and every device
+// state meanwhile. On any other error it leaves the message (and every
+// later one of this connection) unacknowledged and ends the session: the
+// broker redelivers them, in order, on the next connection (the session is
+// persistent, CleanSession=false).
 func (s *session) handleDown() {
 	h := s.u.cfg.Handler
-	for {
+	s.heldAt.Store(math.MaxInt64)
+	s.failedAt.Store(math.MaxInt64)
+	order := make(chan *downSlot, cap(s.down))
+	queues := make([]chan *downSlot, downWorkers)
+	var wg sync.WaitGroup
+	defer wg.Wait() // after ctx ends, every goroutine below returns
+	for k := range queues {
+		queues[k] = make(chan *downSlot, downQueue)
+		wg.Add(1)
+		go func() { defer wg.Done(); s.decideDown(queues[k]) }()
+	}
+	wg.Add(1)
+	go func() { defer wg.Done(); s.ackDown(order) }()
+	for i := int64(0); ; i++ {
 		var m mqtt.Message
 		select {
 		case <-s.ctx.Done():
 			return
 		case m = <-s.down:
 		}
-		if s.failed.Load() {
-			continue
-		}
-		var handle func(context.Context, []byte) error
+		sl := &downSlot{m: m, i: i, done: make(chan struct{})}
 		switch m.Topic() {
 		case s.u.topics.downRentals:
-			handle = h.Rental
+			sl.handle = h.Rental
 		case s.u.topics.downCommands:
-			handle = h.RenterCommand
+			sl.handle = h.RenterCommand
 		case s.u.topics.downRegistry:
-			handle = s.u.cfg.Registry.Registry
-		default:
-			// Not ours (a stale subscription of this client id): drop it,
-			// or the broker would redeliver it forever.
-			s.u.log.Warn("message on unexpected topic dropped", "topic", m.Topic())
-			m.Ack()
-			continue
+			// A device list changes what every later message means: it is
+			// a barrier, applied alone once everything before it is done.
+			sl.handle, sl.barrier = s.u.cfg.Registry.Registry, true
 		}
-		err := handle(s.ctx, m.Payload())
-		for wait := downRetryFirst; err != nil && edged.ErrorCode(err) == edged.EUNAVAILABLE; wait = min(2*wait, downRetryMax) {
-			s.u.sent.downHeld.Add(1)
-			s.u.log.Warn("cloud message not stored, held and retried", "topic", m.Topic(), "retry_in", wait, "err", err)
-			s.u.setError(fmt.Errorf("%s not stored, held for retry: %w", m.Topic(), err))
-			t := time.NewTimer(wait)
+		select {
+		case order <- sl:
+		case <-s.ctx.Done():
+			return
+		}
+		if sl.handle == nil || sl.barrier {
+			// A barrier: ackDown handles it once every earlier message is
+			// acknowledged, and nothing later starts before it is done.
 			select {
+			case <-sl.done:
 			case <-s.ctx.Done():
-				t.Stop()
-				return // unacknowledged: redelivered on the next connection
-			case <-t.C:
+				return
 			}
-			err = handle(s.ctx, m.Payload())
-		}
-		if err != nil {
-			s.failed.Store(true)
-			s.signal(fmt.Errorf("%s not stored, left for redelivery: %w", m.Topic(), err))
 			continue
 		}
-		m.Ack()
+		select {
+		case queues[downWorker(m.Payload())] <- sl:
+		case <-s.ctx.Done():
+			return
+		}
 	}
+}
+
+// Size of the down pool: workers, and the messages each may have queued.
+// The broker bounds the messages in flight to us (mosquitto 20 by default).
+const (
+	downWorkers = 8
+	downQueue   = 16
+)
+
+// downSlot is one down message from its arrival to its PUBACK. A worker
+// (or ackDown, for a barrier) sets err or skipped, then closes done.
+type downSlot struct {
+	m      mqtt.Message
+	i      int64                               // arrival order on this connection
+	handle func(context.Context, []byte) error // nil: not ours, dropped as a barrier
+	// barrier: handled by ackDown alone, after every earlier message and
+	// before any later one (a device registry).
+	barrier bool
+	err     error
+	// skipped: not handed to the station, because an earlier message was
+	// held (ackDown hands it over, serially) or failed (left unacked).
+	skipped bool
+	done    chan struct{}
+}
+
+// downWorker is the worker of a message: by its device_id, so one
+// device's messages stay in order; one fixed worker when it has none.
+func downWorker(payload []byte) int {
+	var v struct {
+		DeviceID string `json:"device_id"`
+	}
+	if json.Unmarshal(payload, &v) != nil || v.DeviceID == "" {
+		return 0
+	}
+	h := fnv.New32a()
+	h.Write([]byte(v.DeviceID))
+	return int(h.Sum32() % downWorkers)
+}
+
+// lowerTo sets a to i if i is lower.
+func lowerTo(a *atomic.Int64, i int64) {
+	for {
+		cur := a.Load()
+		if i >= cur || a.CompareAndSwap(cur, i) {
+			return
+		}
+	}
+}
+
+// decideDown is one worker of the down pool: it hands its messages to the
+// station in order, unless an earlier message of the connection was held
+// or failed.
+func (s *session) decideDown(q <-chan *downSlot) {
+	for {
+		var sl *downSlot
+		select {
+		case <-s.ctx.Done():
+			return
+		case sl = <-q:
+		}
+		if s.failedAt.Load() < sl.i || s.heldAt.Load() < sl.i {
+			sl.skipped = true
+			close(sl.done)
+			continue
+		}
+		sl.err = sl.handle(s.ctx, sl.m.Payload())
+		if sl.err != nil {
+			if edged.ErrorCode(sl.err) == edged.EUNAVAILABLE {
+				lowerTo(&s.heldAt, sl.i)
+			} else {
+				lowerTo(&s.failedAt, sl.i)
+			}
+		}
+		close(sl.done)
+	}
+}
+
+// ackDown takes the slots in arrival order: it acknowledges each one the
+// station stored, holds and retries one it could not store now (and hands
+// every later one over itself, serially), and after a failure acknowledges
+// nothing more on this connection.
+func (s *session) ackDown(order <-chan *downSlot) {
+	stopped := false
+	for {
+		var sl *downSlot
+		select {
+		case <-s.ctx.Done():
+			return
+		case sl = <-order:
+		}
+		if sl.handle == nil {
+			if !stopped {
+				// Not ours (a stale subscription of this client id): drop
+				// it, or the broker would redeliver it forever.
+				s.u.log.Warn("message on unexpected topic dropped", "topic", sl.m.Topic())
+				sl.m.Ack()
+			}
+			close(sl.done)
+			continue
+		}
+		if sl.barrier {
+			exit := false
+			if !stopped {
+				stopped, exit = s.settleDown(sl, sl.handle(s.ctx, sl.m.Payload()))
+			}
+			close(sl.done)
+			if exit {
+				return
+			}
+			continue
+		}
+		select {
+		case <-sl.done:
+		case <-s.ctx.Done():
+			return
+		}
+		if stopped {
+			continue
+		}
+		err := sl.err
+		if sl.skipped {
+			if s.failedAt.Load() < sl.i {
+				stopped = true
+				continue
+			}
+			err = sl.handle(s.ctx, sl.m.Payload()) // held before it: serial now
+		}
+		var exit bool
+		if stopped, exit = s.settleDown(sl, err); exit {
+			return
+		}
+	}
+}
+
+// settleDown finishes a down message the station answered with err: a
+// message it could not store now (EUNAVAILABLE) is held and retried on this
+// connection; any other failure stops the acknowledgements (stopped), so
+// the broker redelivers it and every later one in order; success is
+// acknowledged. exit: the session ended while it was held.
+func (s *session) settleDown(sl *downSlot, err error) (stopped, exit bool) {
+	for wait := downRetryFirst; err != nil && edged.ErrorCode(err) == edged.EUNAVAILABLE; wait = min(2*wait, downRetryMax) {
+		lowerTo(&s.heldAt, sl.i)
+		s.u.sent.downHeld.Add(1)
+		s.u.log.Warn("cloud message not stored, held and retried", "topic", sl.m.Topic(), "retry_in", wait, "err", err)
+		s.u.setError(fmt.Errorf("%s not stored, held for retry: %w", sl.m.Topic(), err))
+		t := time.NewTimer(wait)
+		select {
+		case <-s.ctx.Done():
+			t.Stop()
+			return true, true // unacknowledged: redelivered on the next connection
+		case <-t.C:
+		}
+		err = sl.handle(s.ctx, sl.m.Payload())
+	}
+	if err != nil {
+		lowerTo(&s.failedAt, sl.i)
+		s.signal(fmt.Errorf("%s not stored, left for redelivery: %w", sl.m.Topic(), err))
+		return true, false
+	}
+	sl.m.Ack()
+	return false, false
 }
 
 // Retry delays for a down message the station cannot store now.

@@ -11,7 +11,7 @@
 // them with simulated devices and a stand-in cloud in this process, reads
 // CPU, memory and disk writes from /proc, and removes everything it started
 // and wrote when it ends. Scenarios: ingest, rental, drain, footprint,
-// wear, restart, profiles (the drain through the cloud emulators of
+// wear, restart, storm (logins after a SIGKILL), profiles (the drain through the cloud emulators of
 // internal/cloudemu). Targets are reported, never asserted; CI does not run it.
 // BENCHMARKS.md holds the method and the last results.
 package main
@@ -41,7 +41,7 @@ func main() {
 	os.Exit(run(*quick, *only, *keep, *verbose, *cases))
 }
 
-var scenarioNames = []string{"ingest", "rental", "drain", "footprint", "wear", "restart", "profiles"}
+var scenarioNames = []string{"ingest", "rental", "drain", "footprint", "wear", "restart", "storm", "profiles"}
 
 func run(quick bool, only string, keep, verbose bool, cases string) int {
 	want := map[string]bool{}
@@ -108,7 +108,7 @@ func run(quick bool, only string, keep, verbose bool, cases string) int {
 	failed := 0
 	scenarios := map[string]func(*table) error{
 		"ingest": b.scenarioIngest, "rental": b.scenarioRental, "drain": b.scenarioDrain,
-		"footprint": b.scenarioFootprint, "wear": b.scenarioWear, "restart": b.scenarioRestart,
+		"footprint": b.scenarioFootprint, "wear": b.scenarioWear, "restart": b.scenarioRestart, "storm": b.scenarioStorm,
 		"profiles": b.scenarioProfiles,
 	}
 	for _, name := range scenarioNames {

@@ -97,6 +97,9 @@ type edgedOptions struct {
 	dataDir     string // reused across restarts; default dir/data
 	notify      string // NOTIFY_SOCKET
 	httpAddr    string // the status page on loopback, for /metrics; "" for none
+	// hashes, when set, are the devices' secret hashes instead of the
+	// bench's MinCost ones (the storm uses cost 10, as in the field).
+	hashes []string
 }
 
 // edgedRun is one running edged.
@@ -111,7 +114,10 @@ type edgedRun struct {
 
 // writeEdgedConfig writes an edged config for o into dir.
 func (b *bench) writeEdgedConfig(dir, addr string, o edgedOptions) (string, string) {
-	hs := b.credentials(o.devices)
+	hs := o.hashes
+	if hs == nil {
+		hs = b.credentials(o.devices)
+	}
 	data := o.dataDir
 	if data == "" {
 		data = filepath.Join(dir, "data")
