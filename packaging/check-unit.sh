@@ -26,10 +26,10 @@ else
 	chmod 0755 "$root/usr/bin/edged"
 fi
 
-# ExecReload runs /bin/kill (procps), which the scratch root lacks.
+# ExecReload runs /bin/sh, which the scratch root lacks.
 mkdir -p "$root/bin"
-printf '#!/bin/sh\n' >"$root/bin/kill"
-chmod 0755 "$root/bin/kill"
+printf '#!/bin/sh\n' >"$root/bin/sh"
+chmod 0755 "$root/bin/sh"
 
 cd "$root"
 out=$(systemd-analyze verify --root="$root" edged.service 2>&1) || true
