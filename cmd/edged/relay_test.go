@@ -251,6 +251,7 @@ func runRelayScript(t *testing.T, py, local, dev string, msg map[string]any) (st
 	b, _ := json.Marshal(msg)
 	cmd := exec.Command(py, "../../examples/relay.py", "--host", host, "--port", port, "--device", dev, "--secret", "secret", "--timeout", "20")
 	cmd.Stdin = bytes.NewReader(b)
+	cmd.Env = append(os.Environ(), "PYTHONDONTWRITEBYTECODE=1") // no __pycache__ in the source tree
 	var out, errOut bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errOut
 	err := cmd.Run()
