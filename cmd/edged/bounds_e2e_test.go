@@ -2,10 +2,6 @@ package main
 
 import (
 	"fmt"
-	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -19,44 +15,7 @@ import (
 // client sending a packet over 128 KiB, as cloud services do.
 func startSmallMosquitto(t *testing.T) string {
 	t.Helper()
-	bin, err := exec.LookPath("mosquitto")
-	if err != nil {
-		bin = "/usr/sbin/mosquitto"
-		if _, serr := os.Stat(bin); serr != nil {
-			if os.Getenv("CI") != "" {
-				t.Fatal("mosquitto is not installed (apt-get install mosquitto); CI must run these tests")
-			}
-			t.Skip("mosquitto is not installed")
-		}
-	}
-	dir := t.TempDir()
-	addr := freePort(t)
-	_, port, _ := net.SplitHostPort(addr)
-	conf := fmt.Sprintf("persistence false\nallow_anonymous true\nmax_queued_messages 0\nmax_packet_size 131072\nlistener %s 127.0.0.1\nlog_dest file %s\n",
-		port, filepath.Join(dir, "mosquitto.log"))
-	if os.Geteuid() == 0 {
-		conf = "user root\n" + conf
-	}
-	cf := filepath.Join(dir, "mosquitto.conf")
-	if err := os.WriteFile(cf, []byte(conf), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-c", cf)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond); err == nil {
-			c.Close()
-			return addr
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("mosquitto did not start")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return startMosquitto(t, "max_packet_size 131072")
 }
 
 // TestDeviceCannotStallTheUplink: a device that sends telemetry that would

@@ -19,9 +19,9 @@ import (
 )
 
 // startMosquitto runs Debian's mosquitto on a free loopback port with its
-// own configuration and returns its address. In CI a missing mosquitto is
-// a failure, never a skip.
-func startMosquitto(t *testing.T) string {
+// own configuration, plus extra lines of mosquitto.conf, and returns its
+// address. In CI a missing mosquitto is a failure, never a skip.
+func startMosquitto(t *testing.T, extra ...string) string {
 	t.Helper()
 	bin, err := exec.LookPath("mosquitto")
 	if err != nil {
@@ -38,6 +38,9 @@ func startMosquitto(t *testing.T) string {
 	_, port, _ := net.SplitHostPort(addr)
 	conf := fmt.Sprintf("persistence false\nallow_anonymous true\nmax_queued_messages 0\nlistener %s 127.0.0.1\nlog_dest file %s\n",
 		port, filepath.Join(dir, "mosquitto.log"))
+	for _, l := range extra {
+		conf += l + "\n"
+	}
 	if os.Geteuid() == 0 {
 		conf = "user root\n" + conf
 	}
