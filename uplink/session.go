@@ -159,6 +159,9 @@ func (s *session) run(parent context.Context) (time.Duration, error) {
 	if u.tls != nil {
 		opts.SetTLSConfig(u.tls)
 	}
+	if quickAckDial(u.broker) {
+		opts.SetCustomOpenConnectionFn(openConn)
+	}
 	client := mqtt.NewClient(opts)
 
 	defer cancel() // before wg.Wait: the down worker returns
