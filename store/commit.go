@@ -81,6 +81,11 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		db.endCh = make(chan struct{})
 		db.endMu.Unlock()
 	}()
+	group := (groupable(c) && !db.opts.SingleCommitter) || db.testAlwaysBatch
+	ride := rideRental
+	if groupable(c) {
+		ride = flushChunk
+	}
 	var res commitResult
 	fn := func(tx *bolt.Tx) error {
 		if db.testHookCommit != nil {
@@ -93,7 +98,7 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		if err != nil {
 			return err
 		}
-		if err := db.rideDevices(tx); err != nil {
+		if err := db.rideDevices(tx, ride); err != nil {
 			return err
 		}
 		if err := db.commitTx(tx, c, encoded{rentals, commands, results, stops}, mayDrop, &res); err != nil {
@@ -114,7 +119,7 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 		return nil
 	}
 	var err error
-	if (groupable(c) && !db.opts.SingleCommitter) || db.testAlwaysBatch {
+	if group {
 		err = db.bolt.Batch(fn)
 	} else {
 		err = db.bolt.Update(fn)

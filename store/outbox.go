@@ -85,11 +85,15 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 	db.acks = append(db.acks, req)
 	db.ackMu.Unlock()
 	// A commit in flight may take the ack into its transaction: wait for
-	// it to end, then write the ack alone if it did not.
-	db.endMu.Lock()
-	ended := db.endCh
-	db.endMu.Unlock()
-	if db.committing.Load() > 0 {
+	// it to end, and for those that follow on its heels (a busy station
+	// commits back to back), then write the ack alone if none did.
+	for range ackRides {
+		db.endMu.Lock()
+		ended := db.endCh
+		db.endMu.Unlock()
+		if db.committing.Load() == 0 {
+			break
+		}
 		select {
 		case <-req.done:
 			return db.afterAck()
@@ -145,6 +149,9 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 	}
 	return db.afterAck()
 }
+
+// ackRides bounds the commits an Ack waits for to carry it.
+const ackRides = 4
 
 // ackReq is an Ack waiting for a transaction to carry it; done is closed
 // once one did.
