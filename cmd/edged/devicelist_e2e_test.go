@@ -145,11 +145,23 @@ func (s *listStation) write(devs []entry, more string) {
 	}
 }
 
+// hup signals a reload and waits until edged applied or refused it (the
+// status page's device list says so), as an operator's systemctl reload
+// returns once the config is read.
 func (s *listStation) hup() {
 	s.t.Helper()
+	before := s.listMark()
 	if err := s.d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		s.t.Fatal(err)
 	}
+	waitFor(s.t, "the reload applied or refused", func() bool { return s.listMark() != before })
+}
+
+// listMark is when the device list was last applied or refused.
+func (s *listStation) listMark() string {
+	dl, _ := s.status()["device_list"].(map[string]any)
+	r, _ := dl["last_refusal"].(map[string]any)
+	return fmt.Sprint(dl["applied_at"], r["at"])
 }
 
 // status reads /api/v1/status.
