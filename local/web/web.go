@@ -42,7 +42,7 @@ type Config struct {
 	// Uplink reports the cloud link; nil means offline-only operation.
 	Uplink func() edged.UplinkStatus
 	// Buses reports the RS-485 buses; nil means there are none.
-	Buses func() []BusHealth
+	Buses func() []edged.BusHealth
 	// Broker reports the local broker's counters; nil means none.
 	Broker func() edged.BrokerStats
 	// DeviceList says where the device list came from and the last
