@@ -1,9 +1,6 @@
 package edged
 
-import (
-	"context"
-	"time"
-)
+import "time"
 
 // UplinkStatus describes the cloud link for the status page and
 // /api/v1/status. The uplink reports it; the page reads it.
@@ -111,20 +108,3 @@ type BusDeviceHealth struct {
 	PollPeriod time.Duration `json:"poll_period_ns"`
 	LastPoll   time.Time     `json:"last_poll,omitzero"`
 }
-
-// StationView is what the technicians' page reads and asks of the
-// station. Station implements it; the page needs nothing else of it.
-type StationView interface {
-	ID() string
-	DeviceStates() []DeviceState
-	// Device errors: ENOTFOUND.
-	Device(id string) (DeviceState, error)
-	ActiveRentals() []Rental
-	Stats() StationStats
-	// SetMaintenance errors: ENOTFOUND, EUNAVAILABLE.
-	SetMaintenance(ctx context.Context, id string, on bool) error
-	// EndRental errors: ENOTFOUND, EUNAVAILABLE.
-	EndRental(ctx context.Context, rentalID string, reason Reason) error
-}
-
-var _ StationView = (*Station)(nil)
