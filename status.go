@@ -1,9 +1,6 @@
 package edged
 
-import (
-	"context"
-	"time"
-)
+import "time"
 
 // UplinkStatus describes the cloud link for the status page and
 // /api/v1/status. The uplink reports it; the page reads it.
@@ -64,19 +61,50 @@ type BrokerStats struct {
 	RelayDropped uint64 // relayed rental messages dropped: over the limit, or no relay
 }
 
-// StationView is what the technicians' page reads and asks of the
-// station. Station implements it; the page needs nothing else of it.
-type StationView interface {
-	ID() string
-	DeviceStates() []DeviceState
-	// Device errors: ENOTFOUND.
-	Device(id string) (DeviceState, error)
-	ActiveRentals() []Rental
-	Stats() StationStats
-	// SetMaintenance errors: ENOTFOUND, EUNAVAILABLE.
-	SetMaintenance(ctx context.Context, id string, on bool) error
-	// EndRental errors: ENOTFOUND, EUNAVAILABLE.
-	EndRental(ctx context.Context, rentalID string, reason Reason) error
+// BusCounters are request figures of an RS-485 bus or of one device on
+// it. Every attempt on the wire is a request; a retry is another request.
+type BusCounters struct {
+	Requests    uint64 `json:"requests"`
+	Timeouts    uint64 `json:"timeouts"`     // no reply at all
+	CRCErrors   uint64 `json:"crc_errors"`   // a reply with a bad CRC
+	FrameErrors uint64 `json:"frame_errors"` // garbage, truncated or mismatched replies
+	Exceptions  uint64 `json:"exceptions"`   // Modbus exception replies
+	Polls       uint64 `json:"polls"`        // polls that read every register
+	FailedPolls uint64 `json:"failed_polls"`
 }
 
-var _ StationView = (*Station)(nil)
+// BusHealth is an RS-485 bus's figures for the status page and metrics:
+// the port, the totals of its devices, and each device. The bus (serial)
+// returns it and the page (local/web) reads it: one definition for both.
+type BusHealth struct {
+	Name     string `json:"name"`
+	Port     string `json:"port"`
+	PortOpen bool   `json:"port_open"`
+	// Opens counts successful opens of the port; more than one means it
+	// was reopened. PortErrors counts I/O failures of the port itself.
+	Opens      uint64 `json:"opens"`
+	PortErrors uint64 `json:"port_errors"`
+	BusCounters
+	// LastError is the last failure on the bus, prefixed with the device
+	// it concerned.
+	LastError   string            `json:"last_error,omitempty"`
+	LastErrorAt time.Time         `json:"last_error_at,omitzero"`
+	Devices     []BusDeviceHealth `json:"devices"`
+}
+
+// BusDeviceHealth is the figures of one device on an RS-485 bus.
+type BusDeviceHealth struct {
+	DeviceID string `json:"device_id"`
+	Unit     int    `json:"unit"`
+	// State is "unknown" before the first answer, then "online" or
+	// "offline".
+	State string `json:"state"`
+	BusCounters
+	LastError   string    `json:"last_error,omitempty"`
+	LastErrorAt time.Time `json:"last_error_at,omitzero"`
+	// PollPeriod is the achieved time between polls (a moving average):
+	// the poll interval on a bus with time to spare, more on a busy one,
+	// the backoff for an offline device.
+	PollPeriod time.Duration `json:"poll_period_ns"`
+	LastPoll   time.Time     `json:"last_poll,omitzero"`
+}

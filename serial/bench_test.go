@@ -80,7 +80,7 @@ func BenchmarkPollRate(b *testing.B) {
 			b.ReportMetric(wireLimit, "wire-polls/s")
 			b.ReportMetric(rate/wireLimit, "of-wire")
 			if h.Timeouts+h.CRCErrors+h.FrameErrors != 0 {
-				b.Errorf("errors on a clean bus: %+v", h.Counters)
+				b.Errorf("errors on a clean bus: %+v", h.BusCounters)
 			}
 		})
 	}

@@ -101,7 +101,7 @@ type Bus struct {
 	profiles map[string]edged.Profile
 	queue    []*command
 	portUp   bool
-	health   BusHealth
+	health   edged.BusHealth
 }
 
 // device is one serial device. Fields above mu-guarded ones are owned by
@@ -124,7 +124,7 @@ type device struct {
 
 	// guarded by Bus.mu
 	state  onlineState
-	health DeviceHealth
+	health edged.BusDeviceHealth
 }
 
 type command struct {
@@ -221,11 +221,11 @@ func NewBus(cfg Config) (*Bus, error) {
 			r.Unit = dv.unit
 			dv.reads = append(dv.reads, r)
 		}
-		dv.health = DeviceHealth{DeviceID: d.ID, Unit: d.Unit, State: stateUnknown.String()}
+		dv.health = edged.BusDeviceHealth{DeviceID: d.ID, Unit: d.Unit, State: stateUnknown.String()}
 		b.devices = append(b.devices, dv)
 		b.byID[d.ID] = dv
 	}
-	b.health = BusHealth{Name: bc.Name, Port: bc.Port}
+	b.health = edged.BusHealth{Name: bc.Name, Port: bc.Port}
 	return b, nil
 }
 

@@ -289,7 +289,7 @@ func TestEightDevices(t *testing.T) {
 			})
 			h := r.bus.Health()
 			if h.Requests == 0 || h.Timeouts+h.CRCErrors+h.FrameErrors+h.Exceptions != 0 {
-				t.Errorf("health on a clean bus: %+v", h.Counters)
+				t.Errorf("health on a clean bus: %+v", h.BusCounters)
 			}
 		})
 	}

@@ -74,7 +74,7 @@ func (b *Bus) ApplyDevices(ctx context.Context, d edged.DeviceDiff) error {
 			r.Unit = dv.unit
 			dv.reads = append(dv.reads, r)
 		}
-		dv.health = DeviceHealth{DeviceID: dev.ID, Unit: dev.Unit, State: stateUnknown.String()}
+		dv.health = edged.BusDeviceHealth{DeviceID: dev.ID, Unit: dev.Unit, State: stateUnknown.String()}
 		fresh[dev.ID] = dv
 	}
 	var next []*device

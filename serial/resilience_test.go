@@ -68,7 +68,7 @@ func TestDeadDeviceDoesNotStarveTheBus(t *testing.T) {
 	opts.units = 8
 	opts.setup = func(s *sim.Sim) { s.Update(8, func(u *sim.Unit) { u.Dead = true }) }
 	r8 := startRig(t, opts)
-	dead := func() DeviceHealth { return r8.bus.Health().Devices[7] }
+	dead := func() edged.BusDeviceHealth { return r8.bus.Health().Devices[7] }
 	waitFor(t, 10*time.Second, "unit 8 offline", func() bool { on, known := r8.rep.isOnline(devID(8)); return known && !on })
 	// The backoff reaches its cap, 20 ms doubling to 1 s, after seven
 	// more failed polls.
@@ -124,12 +124,12 @@ func TestBadFrames(t *testing.T) {
 	tests := []struct {
 		name   string
 		faults sim.Faults
-		seen   func(h BusHealth) uint64
+		seen   func(h edged.BusHealth) uint64
 	}{
-		{"corrupt 5%", sim.Faults{Corrupt: 0.05}, func(h BusHealth) uint64 { return h.CRCErrors }},
+		{"corrupt 5%", sim.Faults{Corrupt: 0.05}, func(h edged.BusHealth) uint64 { return h.CRCErrors }},
 		{"garbage 5%", sim.Faults{Garbage: 0.05}, nil}, // garbage before a reply is skipped without an error
-		{"truncated 5%", sim.Faults{Truncate: 0.05}, func(h BusHealth) uint64 { return h.FrameErrors + h.CRCErrors }},
-		{"no reply 5%", sim.Faults{NoReply: 0.05}, func(h BusHealth) uint64 { return h.Timeouts }},
+		{"truncated 5%", sim.Faults{Truncate: 0.05}, func(h edged.BusHealth) uint64 { return h.FrameErrors + h.CRCErrors }},
+		{"no reply 5%", sim.Faults{NoReply: 0.05}, func(h edged.BusHealth) uint64 { return h.Timeouts }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -140,7 +140,7 @@ func TestBadFrames(t *testing.T) {
 			waitFor(t, 30*time.Second, "120 polls", func() bool { return r.bus.Health().Polls >= 120 })
 			h := r.bus.Health()
 			if tt.seen != nil && tt.seen(h) == 0 {
-				t.Errorf("no faults seen: %+v", h.Counters)
+				t.Errorf("no faults seen: %+v", h.BusCounters)
 			}
 			r.rep.mu.Lock()
 			defer r.rep.mu.Unlock()
@@ -160,7 +160,7 @@ func TestBadFrames(t *testing.T) {
 					t.Errorf("%s reported offline", c.id)
 				}
 			}
-			t.Logf("%+v", h.Counters)
+			t.Logf("%+v", h.BusCounters)
 		})
 	}
 }

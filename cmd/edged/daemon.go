@@ -175,10 +175,10 @@ func (m *Main) Run(ctx context.Context) error {
 			Listen: cfg.HTTP.Listen, Listener: m.HTTPListener, Users: cfg.HTTP.Users,
 			Station: st, Store: db, Clock: m.Clock,
 			Uplink: up.Status,
-			Buses: func() []web.BusHealth {
-				out := make([]web.BusHealth, 0, len(m.Buses))
+			Buses: func() []edged.BusHealth {
+				out := make([]edged.BusHealth, 0, len(m.Buses))
 				for _, b := range m.Buses {
-					out = append(out, busHealth(b.Health()))
+					out = append(out, b.Health())
 				}
 				return out
 			},
@@ -427,19 +427,4 @@ func (m *Main) httpAddr() string {
 		return ""
 	}
 	return m.HTTP.Addr().String()
-}
-
-// busHealth is serial.BusHealth as the status page takes it.
-func busHealth(h serial.BusHealth) web.BusHealth {
-	out := web.BusHealth{Name: h.Name, Port: h.Port, PortOpen: h.PortOpen, Opens: h.Opens, PortErrors: h.PortErrors,
-		Requests: h.Requests, Timeouts: h.Timeouts, CRCErrors: h.CRCErrors, FrameErrors: h.FrameErrors,
-		Exceptions: h.Exceptions, Polls: h.Polls, FailedPolls: h.FailedPolls,
-		LastError: h.LastError, LastErrorAt: h.LastErrorAt}
-	for _, d := range h.Devices {
-		out.Devices = append(out.Devices, web.DeviceHealth{DeviceID: d.DeviceID, Unit: d.Unit, State: d.State,
-			Requests: d.Requests, Timeouts: d.Timeouts, CRCErrors: d.CRCErrors, FrameErrors: d.FrameErrors,
-			Exceptions: d.Exceptions, Polls: d.Polls, FailedPolls: d.FailedPolls,
-			LastError: d.LastError, LastErrorAt: d.LastErrorAt, PollPeriod: d.PollPeriod, LastPoll: d.LastPoll})
-	}
-	return out
 }

@@ -297,7 +297,7 @@ func (s *Server) uplinkStatus() edged.UplinkStatus {
 	return u
 }
 
-func (s *Server) buses() []BusHealth {
+func (s *Server) buses() []edged.BusHealth {
 	if s.cfg.Buses == nil {
 		return nil
 	}

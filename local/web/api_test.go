@@ -144,8 +144,9 @@ func TestStatusHasTheContractShape(t *testing.T) {
 	s.src.set(func(f *fakeSources) {
 		f.uplink = edged.UplinkStatus{State: "connected", ConnectedSince: since, Reconnects: 2,
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3, LastSeq: 99}}
-		f.buses = []web.BusHealth{{Name: "bus0", Port: "/dev/ttyUSB0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 1,
-			Devices: []web.DeviceHealth{{DeviceID: "charger-7", Unit: 7, State: "offline"}}}}
+		f.buses = []edged.BusHealth{{Name: "bus0", Port: "/dev/ttyUSB0", PortOpen: true,
+			BusCounters: edged.BusCounters{Requests: 100, Timeouts: 4, CRCErrors: 1},
+			Devices:     []edged.BusDeviceHealth{{DeviceID: "charger-7", Unit: 7, State: "offline"}}}}
 		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5}
 	})
 
@@ -503,7 +504,7 @@ func TestMetrics(t *testing.T) {
 	s.src.set(func(f *fakeSources) {
 		f.uplink = edged.UplinkStatus{State: "connecting", Reconnects: 4, Connects: 5,
 			Outbox: edged.OutboxStats{Events: 12, Bytes: 3456, OldestAgeS: 78, Dropped: 3}}
-		f.buses = []web.BusHealth{{Name: "bus0", PortOpen: true, Requests: 100, Timeouts: 4, CRCErrors: 2}}
+		f.buses = []edged.BusHealth{{Name: "bus0", PortOpen: true, BusCounters: edged.BusCounters{Requests: 100, Timeouts: 4, CRCErrors: 2}}}
 		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 40, MessagesOut: 5, AuthFailures: 6, ACLDenials: 7, BadInput: 8, RelayDropped: 9}
 	})
 	r := s.do(req{path: "/metrics"})

@@ -15,7 +15,6 @@ import (
 	"github.com/chromedp/chromedp"
 
 	"github.com/stationedge/edged"
-	"github.com/stationedge/edged/local/web"
 )
 
 const chromiumPath = "/usr/bin/chromium"
@@ -62,12 +61,12 @@ func simulatedStation(t *testing.T) *station {
 		f.uplink = edged.UplinkStatus{State: "connecting", Reconnects: 3, LastAckedSeq: 1,
 			LastError: "dial tcp 203.0.113.7:8883: i/o timeout",
 			Outbox:    edged.OutboxStats{Events: 1377, Bytes: 412 << 10, OldestAgeS: 1512, LastSeq: 1400}}
-		f.buses = []web.BusHealth{{Name: "bus0", Port: "/dev/ttyUSB0", PortOpen: true, Opens: 1,
-			Requests: 18234, Timeouts: 41, CRCErrors: 3, FailedPolls: 14,
-			LastError: "charger-08: modbus: timeout", LastErrorAt: time.Now(),
-			Devices: []web.DeviceHealth{
-				{DeviceID: "charger-07", Unit: 7, State: "online", Requests: 9117, PollPeriod: time.Second},
-				{DeviceID: "charger-08", Unit: 8, State: "offline", Requests: 9117, Timeouts: 41, PollPeriod: 30 * time.Second},
+		f.buses = []edged.BusHealth{{Name: "bus0", Port: "/dev/ttyUSB0", PortOpen: true, Opens: 1,
+			BusCounters: edged.BusCounters{Requests: 18234, Timeouts: 41, CRCErrors: 3, FailedPolls: 14},
+			LastError:   "charger-08: modbus: timeout", LastErrorAt: time.Now(),
+			Devices: []edged.BusDeviceHealth{
+				{DeviceID: "charger-07", Unit: 7, State: "online", BusCounters: edged.BusCounters{Requests: 9117}, PollPeriod: time.Second},
+				{DeviceID: "charger-08", Unit: 8, State: "offline", BusCounters: edged.BusCounters{Requests: 9117, Timeouts: 41}, PollPeriod: 30 * time.Second},
 			}}}
 		f.broker = edged.BrokerStats{Connected: 3, MessagesIn: 5821, MessagesOut: 64, AuthFailures: 2}
 	})

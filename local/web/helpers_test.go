@@ -73,7 +73,7 @@ func (f *fakeDevices) last(id, action string) (edged.DeviceCommand, bool) {
 type fakeSources struct {
 	mu     sync.Mutex
 	uplink edged.UplinkStatus
-	buses  []web.BusHealth
+	buses  []edged.BusHealth
 	broker edged.BrokerStats
 	health error
 }
@@ -84,10 +84,10 @@ func (f *fakeSources) Uplink() edged.UplinkStatus {
 	return f.uplink
 }
 
-func (f *fakeSources) Buses() []web.BusHealth {
+func (f *fakeSources) Buses() []edged.BusHealth {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return append([]web.BusHealth(nil), f.buses...)
+	return append([]edged.BusHealth(nil), f.buses...)
 }
 
 func (f *fakeSources) Broker() edged.BrokerStats {

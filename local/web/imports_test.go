@@ -7,8 +7,8 @@ import (
 )
 
 // TestImports keeps web on the domain's side of the house rule: it reads
-// the store, the uplink, the buses and the broker through edged and the
-// view structs of Config, never by importing their packages.
+// the store, the uplink, the buses and the broker through its own small
+// interfaces and the funcs of Config, never by importing their packages.
 func TestImports(t *testing.T) {
 	out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", "github.com/stationedge/edged/local/web").Output()
 	if err != nil {

@@ -180,13 +180,14 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(mRentalsActive, float64(len(s.cfg.Station.ActiveRentals())))
 	st := s.cfg.Station.Stats()
 	counter(mRentalsStarted, float64(st.Started))
-	for _, r := range []edged.Reason{edged.ReasonExpired, edged.ReasonCancelled, edged.ReasonRenterEnded,
-		edged.ReasonOperator, edged.ReasonDeviceFault} {
-		if _, ok := st.Ended[r]; !ok {
-			st.Ended[r] = 0 // every end reason shows, even before it happens
-		}
-	}
+	// Every end reason shows, even before it happens. A fresh map: the
+	// station's may be nil, or its own.
+	ended := map[edged.Reason]uint64{edged.ReasonExpired: 0, edged.ReasonCancelled: 0, edged.ReasonRenterEnded: 0,
+		edged.ReasonOperator: 0, edged.ReasonDeviceFault: 0}
 	for r, v := range st.Ended {
+		ended[r] = v
+	}
+	for r, v := range ended {
 		counter(mRentalsEnded, float64(v), string(r))
 	}
 	for r, v := range st.Results {

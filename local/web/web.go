@@ -2,9 +2,10 @@
 // status page, the JSON API, Prometheus metrics and /healthz, behind HTTP
 // Basic auth.
 //
-// It reads the station through edged.StationView and edged.Store, and the
-// uplink, the serial buses and the local broker through the small view
-// structs and funcs of Config, so it imports none of those packages.
+// It reads the station and the store through the small interfaces Station
+// and History, and the uplink, the serial buses and the local broker
+// through the funcs of Config returning edged's status types, so it
+// imports none of those packages.
 package web
 
 import (
@@ -36,13 +37,15 @@ type Config struct {
 	Users []edged.HTTPUser
 	// Station is read for devices, rentals and counters, and asked for
 	// maintenance and operator ends.
-	Station edged.StationView
-	// Store gives events and rentals of the past.
-	Store edged.Store
+	Station Station
+	// Store gives events and rentals of the past. When it is also the
+	// outbox (it has OutboxStats), the page shows the queue from it while
+	// there is no uplink.
+	Store History
 	// Uplink reports the cloud link; nil means offline-only operation.
 	Uplink func() edged.UplinkStatus
 	// Buses reports the RS-485 buses; nil means there are none.
-	Buses func() []BusHealth
+	Buses func() []edged.BusHealth
 	// Broker reports the local broker's counters; nil means none.
 	Broker func() edged.BrokerStats
 	// DeviceList says where the device list came from and the last
@@ -58,6 +61,31 @@ type Config struct {
 	// StartedAt is when the daemon started, for uptime.
 	StartedAt time.Time
 	Logger    *slog.Logger
+}
+
+// Station is what the page reads of the station and asks of it;
+// *edged.Station is one. It is declared here, where it is used, so the
+// page depends on these seven methods and nothing else of the station.
+type Station interface {
+	ID() string
+	DeviceStates() []edged.DeviceState
+	// Device errors: ENOTFOUND.
+	Device(id string) (edged.DeviceState, error)
+	ActiveRentals() []edged.Rental
+	Stats() edged.StationStats
+	// SetMaintenance errors: ENOTFOUND, EUNAVAILABLE.
+	SetMaintenance(ctx context.Context, id string, on bool) error
+	// EndRental errors: ENOTFOUND, EUNAVAILABLE.
+	EndRental(ctx context.Context, rentalID string, reason edged.Reason) error
+}
+
+// History is the part of the store the page reads: rentals and the event
+// log of the past. Any edged.Store is one; the page never writes to it.
+type History interface {
+	// Rental errors: ENOTFOUND.
+	Rental(ctx context.Context, id string) (edged.Rental, error)
+	Rentals(ctx context.Context, limit int, states ...edged.RentalState) ([]edged.Rental, error)
+	Events(ctx context.Context, after uint64, limit int) ([]edged.Event, error)
 }
 
 // Server timeouts: short, against slow clients holding connections open
