@@ -381,7 +381,7 @@ func (s *Station) grantLocked(ctx context.Context, now time.Time, m RentalMessag
 		}
 		s.failStartLocked(ctx, s.clock.Now(), l, reason, err.Error())
 	})
-	s.poke()
+	s.wakeByLocked(l.deadline)
 	return nil
 }
 
@@ -720,7 +720,7 @@ func (s *Station) deviceAckLocked(ctx context.Context, deviceID string, a Comman
 			StartedAt: now.UTC().Round(time.Millisecond), EndsAt: r.EndsAt.UTC().Round(time.Millisecond)}
 		s.touchLocked(rec, now)
 		s.log.Info("rental started", "rental", r.ID, "device", deviceID, "duration_s", seconds(r.Duration))
-		s.poke()
+		s.wakeByLocked(r.EndsAt)
 	case kindRenter:
 		delete(s.pending, a.CmdID)
 		reason := Reason("")

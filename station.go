@@ -59,6 +59,7 @@ type Station struct {
 
 	changed chan struct{}
 	wake    chan struct{}
+	nextRun time.Time // when Run passes next (Tick's answer), or earlier once poked
 	// beat is when Run last completed a Tick (Unix nanoseconds), for the
 	// watchdog: a stuck rental loop must stop the pings.
 	beat atomic.Int64

@@ -72,6 +72,7 @@ func (s *Station) Tick(ctx context.Context) time.Time {
 		s.checkpointLocked(ctx, now)
 	}
 	next := s.nextLocked(ctx, now)
+	s.nextRun = next
 	q := s.endLocked(t)
 	s.mu.Unlock()
 	_ = s.finish(q) // enforced either way; the records wait for the store
@@ -111,6 +112,17 @@ func (s *Station) nextLocked(ctx context.Context, now time.Time) time.Time {
 		}
 	}
 	return next
+}
+
+// wakeByLocked has Run pass again by at (a new deadline), waking it only
+// when it is not due by then anyway: at 1,000 grants a second a pass per
+// grant sorted every live rental under the lock a thousand times a second.
+func (s *Station) wakeByLocked(at time.Time) {
+	if !s.nextRun.IsZero() && at.After(s.nextRun) {
+		return
+	}
+	s.nextRun = at
+	s.poke()
 }
 
 func (s *Station) poke() {
