@@ -120,15 +120,16 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 	}
 	var err error
 	if group {
-		err = db.bolt.Batch(fn)
+		err = db.bolt.Batch(db.counted(txCommit, fn))
 	} else {
-		err = db.bolt.Update(fn)
+		err = db.bolt.Update(db.counted(txCommit, fn))
 	}
 	err = storeErr("commit", err)
 	db.setHealth(err)
 	if err != nil {
 		return nil, err
 	}
+	db.writes.commits.Add(1)
 	db.apply(res.snap)
 	if len(res.events) > 0 {
 		select {

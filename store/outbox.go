@@ -105,7 +105,7 @@ func (db *DB) Ack(ctx context.Context, seqs ...uint64) error {
 		return db.afterAck()
 	default:
 	}
-	err := db.update("ack", func(tx *bolt.Tx) error {
+	err := db.update("ack", txAck, func(tx *bolt.Tx) error {
 		taken, err := db.takeAcks(tx)
 		if err != nil || len(taken) == 0 {
 			return err
@@ -259,6 +259,7 @@ func (db *DB) ackedOnCommit(tx *bolt.Tx, snap snapshot, taken []*ackReq) {
 			return false
 		})
 		db.ackMu.Unlock()
+		db.writes.acks.Add(uint64(len(released)))
 		for _, r := range released {
 			close(r.done)
 		}
@@ -367,7 +368,7 @@ func (db *DB) pruneOnce() (bool, error) {
 	}
 	var snap *snapshot
 	more := false
-	err := db.update("prune event log", func(tx *bolt.Tx) error {
+	err := db.update("prune event log", txPrune, func(tx *bolt.Tx) error {
 		snap, more = nil, false
 		st, err := readState(tx)
 		if err != nil {

@@ -175,7 +175,7 @@ func (db *DB) pruneBucket(bucket []byte, old func(v []byte) bool) error {
 		if len(keys) == 0 {
 			return nil
 		}
-		err = db.update("prune "+string(bucket), func(tx *bolt.Tx) error {
+		err = db.update("prune "+string(bucket), txRetention, func(tx *bolt.Tx) error {
 			b := tx.Bucket(bucket)
 			for _, k := range keys {
 				// A commit may have revived the record since.
@@ -225,7 +225,7 @@ func (db *DB) SaveDeviceStateNow(ctx context.Context, s edged.DeviceState) error
 	// The transaction writes whatever the buffer holds for the device
 	// then: s or a newer state. When the buffer holds nothing, a commit
 	// that took it has written it, durably, since.
-	return db.update("save device state", func(tx *bolt.Tx) error {
+	return db.update("save device state", txDeviceNow, func(tx *bolt.Tx) error {
 		return db.writeDevices(tx, []string{s.DeviceID})
 	})
 }
@@ -257,6 +257,7 @@ func (db *DB) writeDevices(tx *bolt.Tx, ids []string) error {
 		}
 	}
 	tx.OnCommit(func() {
+		db.writes.deviceStates.Add(uint64(len(taken)))
 		db.devMu.Lock()
 		defer db.devMu.Unlock()
 		for _, t := range taken {
@@ -353,7 +354,7 @@ func (db *DB) flushDevices() error {
 		if !buffered { // a commit took them all meanwhile
 			continue
 		}
-		err := db.update("flush device states", func(tx *bolt.Tx) error {
+		err := db.update("flush device states", txDeviceFlush, func(tx *bolt.Tx) error {
 			return db.writeDevices(tx, chunk)
 		})
 		if err != nil {

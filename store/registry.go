@@ -48,13 +48,13 @@ func (db *DB) SaveRegistry(ctx context.Context, r edged.AppliedRegistry) error {
 	if err != nil {
 		return edged.Errorf(edged.EINVALID, "encode registry: %v", err)
 	}
-	err = db.bolt.Update(func(tx *bolt.Tx) error {
+	err = db.bolt.Update(db.counted(txRegistry, func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(bucketRegistry)
 		if err != nil {
 			return err
 		}
 		return b.Put(keyApplied, v)
-	})
+	}))
 	if err != nil {
 		return &edged.Error{Code: edged.EUNAVAILABLE, Reason: edged.ReasonUnavailable, Message: "save registry", Err: err}
 	}
@@ -88,13 +88,13 @@ func (db *DB) SaveRetiring(ctx context.Context, devs []edged.Device) error {
 	if err != nil {
 		return edged.Errorf(edged.EINVALID, "encode retiring devices: %v", err)
 	}
-	err = db.bolt.Update(func(tx *bolt.Tx) error {
+	err = db.bolt.Update(db.counted(txRegistry, func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(bucketRegistry)
 		if err != nil {
 			return err
 		}
 		return b.Put(keyRetiring, v)
-	})
+	}))
 	if err != nil {
 		return &edged.Error{Code: edged.EUNAVAILABLE, Reason: edged.ReasonUnavailable, Message: "save retiring devices", Err: err}
 	}

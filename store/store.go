@@ -98,6 +98,15 @@
 // the buffer inside the transaction that writes them, so they reach the
 // file in transaction order.
 //
+// # Counting writes
+//
+// Every write transaction runs its function through one wrapper that
+// counts it once it commits, under the operation that ran it, beside the
+// operations it made durable (commits, acks, device states). bbolt pays
+// two fdatasyncs per committed transaction and one fsync per growth of the
+// file; Writes reports all of it for /metrics, so the fsyncs a station
+// pays can be read beside the changes they carried.
+//
 // # Errors
 //
 // A failed write (a full disk, an I/O error, a closed store) is an
@@ -114,6 +123,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -240,6 +250,9 @@ type DB struct {
 	endMu      sync.Mutex
 	endCh      chan struct{}
 
+	// writes counts write transactions, fsyncs and what they carried.
+	writes writeCounters
+
 	warnMu       sync.Mutex
 	lastOverWarn time.Time
 
@@ -357,6 +370,9 @@ func Open(path string, opts Options) (*DB, error) {
 		endCh:  make(chan struct{}),
 		stop:   make(chan struct{}),
 	}
+	if fi, err := os.Stat(path); err == nil {
+		db.writes.size.Store(fi.Size()) // bbolt's own file creation is not counted
+	}
 	if err := db.init(); err != nil {
 		bdb.Close()
 		return nil, err
@@ -413,7 +429,7 @@ func (db *DB) init() error {
 	if ready {
 		err = db.bolt.View(load)
 	} else {
-		err = db.bolt.Update(load)
+		err = db.bolt.Update(db.counted(txOpen, load))
 	}
 	if err != nil {
 		return storeErr("open store", err)
@@ -497,13 +513,13 @@ func (db *DB) maintain() {
 	}
 }
 
-// update runs a write transaction, records the outcome for Healthy and
+// update runs a write transaction, counts it under kind, records the outcome for Healthy and
 // returns an *edged.Error. Callers check for work first (in memory or in a
 // read transaction): with NoFreelistSync, rolling a write transaction back
 // rescans the whole file for free pages, and committing an empty one still
 // writes and fsyncs a meta page.
-func (db *DB) update(op string, fn func(tx *bolt.Tx) error) error {
-	err := storeErr(op, db.bolt.Update(fn))
+func (db *DB) update(op string, kind txKind, fn func(tx *bolt.Tx) error) error {
+	err := storeErr(op, db.bolt.Update(db.counted(kind, fn)))
 	db.setHealth(err)
 	return err
 }

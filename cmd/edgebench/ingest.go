@@ -143,6 +143,98 @@ func (b *bench) scenarioIngest(t *table) error {
 	if bestPeer > 0 {
 		t.add("ingest events", "best rate / mosquitto's", fmt.Sprintf("%.2f", best/bestPeer), "1", ">= 0.5", verdict(best/bestPeer >= 0.5, fmt.Sprintf("%.0f%% of target", best/bestPeer/0.5*100)))
 	}
+	return b.scenarioPaced(t)
+}
+
+// pacedResult is one broker under a paced load of device events.
+type pacedResult struct {
+	sent, acked int64
+	secs        float64       // how long sending took
+	writeBytes  int64         // the broker's disk writes while sending
+	store       storeCounters // edged's write counters while sending
+}
+
+// runPaced connects n devices to a broker (pid) at addr and has them send
+// QoS 1 device events (devices/D/events) in turn, rate per second in all,
+// for dur. With httpAddr (edged) it reads the store's counters around the
+// sending.
+func runPaced(pid func() int, addr, httpAddr string, n int, creds bool, rate int, dur time.Duration) (pacedResult, error) {
+	var res pacedResult
+	f, err := connectFleet(addr, n, ingestWindow, creds, false, nil)
+	if err != nil {
+		return res, err
+	}
+	defer f.close()
+	time.Sleep(2 * time.Second) // the connects' presence events settle
+	total := int64(float64(rate) * dur.Seconds())
+	interval := time.Second / time.Duration(rate)
+	a0, m0, s0 := f.acked(), readCounters(httpAddr), readStat(pid())
+	t0 := time.Now()
+	buf := make([]byte, 0, 96)
+	for k := range total {
+		if d := time.Until(t0.Add(time.Duration(k) * interval)); d > 0 {
+			time.Sleep(d)
+		}
+		i := int(k % int64(n))
+		buf = append(buf[:0], `{"type":"tick","id":"`...)
+		buf = append(buf, deviceID(i)...)
+		buf = append(buf, '-')
+		buf = strconv.AppendInt(buf, k, 10)
+		buf = append(buf, `"}`...)
+		if err := f.clients[i].publish("devices/"+deviceID(i)+"/events", buf, true); err != nil {
+			return res, err
+		}
+		res.sent++
+	}
+	res.secs = time.Since(t0).Seconds()
+	m1, s1 := readCounters(httpAddr), readStat(pid())
+	res.store, res.writeBytes = m1.since(m0), s1.writeBytes-s0.writeBytes
+	// Every event sent is PUBACKed once durable; wait for the last (bounded).
+	for deadline := time.Now().Add(10 * time.Second); f.acked()-a0 < total && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	res.acked = f.acked() - a0
+	return res, nil
+}
+
+// scenarioPaced: 1,000 devices sending 1,000 device events a second in
+// all, the fsyncs edged pays for them beside what they carried.
+func (b *bench) scenarioPaced(t *table) error {
+	const n, rate = 1000, 1000
+	dur := 10 * time.Second
+	if b.quick {
+		dur = 3 * time.Second
+	}
+	httpAddr := freeAddr()
+	e, err := b.startEdged("ingest-paced", edgedOptions{devices: n, httpAddr: httpAddr})
+	if err != nil {
+		return err
+	}
+	er, err := runPaced(e.pid, e.addr, httpAddr, n, true, rate, dur)
+	e.kill(15)
+	if err != nil {
+		return fmt.Errorf("edged paced ingest: %w", err)
+	}
+	m, err := b.startMosquitto("ingest-paced", mosqOptions{})
+	if err != nil {
+		return err
+	}
+	mr, err := runPaced(m.pid, m.addr, "", n, false, rate, dur)
+	m.kill(15)
+	if err != nil {
+		return fmt.Errorf("mosquitto paced ingest: %w", err)
+	}
+	b.logf("paced ingest: edged %+v; mosquitto %+v", er, mr)
+	what := fmt.Sprintf("%s devices, %s events/s for %v", fmtRate(n), fmtRate(rate), dur)
+	sent := func(r pacedResult) string {
+		return fmt.Sprintf("%d of %d PUBACKed, sent in %.2f s; disk writes %.0f kB/s", r.acked, r.sent, r.secs, float64(r.writeBytes)/1024/r.secs)
+	}
+	t.add("ingest paced", what+": events", sent(er), sent(mr), "", "")
+	fs := fsyncCell(er.store, er.secs)
+	if er.store.ok && er.store.fsyncs > 0 {
+		fs += fmt.Sprintf("; %.2f events per fsync, %.2f per write tx", float64(er.sent)/er.store.fsyncs, per(float64(er.sent), er.store.tx()))
+	}
+	t.add("ingest paced", what+": fsyncs", fs, "none: mosquitto keeps messages in memory", "", "")
 	return nil
 }
 

@@ -3,11 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 )
@@ -26,6 +22,10 @@ type latencies struct {
 	// from edged's /metrics (zero for the bridge, or an edged without the
 	// counter).
 	commitsPerS, changesPerCommit float64
+	// store is edged's write counters while grants were sent, secs
+	// long; all runs on until the phase's rentals ended.
+	store, all storeCounters
+	secs       float64
 }
 
 func summarize(sent int, ds []time.Duration) latencies {
@@ -98,7 +98,7 @@ func (b *bench) runRentals(gwAddr, cloudAddr, httpAddr string, creds, edged bool
 		mu.Unlock()
 		n := int(float64(ph.rate) * ph.dur.Seconds())
 		interval := time.Second / time.Duration(ph.rate)
-		c0, ch0 := commitCounters(httpAddr)
+		m0 := readCounters(httpAddr)
 		t0 := time.Now()
 		for k := range n {
 			if d := time.Until(t0.Add(time.Duration(k) * interval)); d > 0 {
@@ -123,6 +123,9 @@ func (b *bench) runRentals(gwAddr, cloudAddr, httpAddr string, creds, edged bool
 				return nil, err
 			}
 		}
+		// Read at once: the rates are those of granting at this rate.
+		mSent := readCounters(httpAddr)
+		sentFor := time.Since(t0).Seconds()
 		// Wait for the stragglers (bounded), then let 1 s rentals end.
 		deadline := time.Now().Add(15 * time.Second)
 		for time.Now().Before(deadline) {
@@ -134,16 +137,17 @@ func (b *bench) runRentals(gwAddr, cloudAddr, httpAddr string, creds, edged bool
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
-		c1, ch1 := commitCounters(httpAddr)
+		m1 := readCounters(httpAddr)
 		mu.Lock()
 		l := summarize(n, slices.Clone(got))
 		mu.Unlock()
-		if c1 > c0 {
-			l.commitsPerS = (c1 - c0) / time.Since(t0).Seconds()
-			l.changesPerCommit = (ch1 - ch0) / (c1 - c0)
+		if d := m1.since(m0); d.commits > 0 {
+			l.commitsPerS = d.commits / time.Since(t0).Seconds()
+			l.changesPerCommit = d.changes / d.commits
 		}
-		out = append(out, l)
 		time.Sleep(2500 * time.Millisecond)
+		l.store, l.secs, l.all = mSent.since(m0), sentFor, readCounters(httpAddr).since(m0)
+		out = append(out, l)
 	}
 	return out, nil
 }
@@ -208,37 +212,13 @@ func (b *bench) scenarioRental(t *table) error {
 			t.add("rental fsyncs", fmt.Sprintf("%d grants/s: store commits per second", p.rate),
 				fmt.Sprintf("%.1f/s, %.2f decisions each", a.commitsPerS, a.changesPerCommit), "", "", "")
 		}
+		b.logf("rental %d/s: store %+v over %.1f s; through the ends %+v", p.rate, a.store, a.secs, a.all)
+		fs := fsyncCell(a.store, a.secs)
+		if a.all.ok && a.sent > 0 {
+			fs += fmt.Sprintf("; %.2f fsyncs per grant, its start, ack, end and uplink acks included", a.all.fsyncs/float64(a.sent))
+		}
+		t.add("rental fsyncs", fmt.Sprintf("%d grants/s: fsyncs while granting", p.rate), fs,
+			"none: the bridge keeps messages in memory", "", "")
 	}
 	return nil
-}
-
-// commitCounters reads edged's station_commits_total and
-// station_commit_changes_total from its /metrics on httpAddr (the page
-// has no users, so it serves loopback without a login); zeros when it
-// cannot.
-func commitCounters(httpAddr string) (commits, changes float64) {
-	if httpAddr == "" {
-		return 0, 0
-	}
-	c := http.Client{Timeout: 5 * time.Second}
-	resp, err := c.Get("http://" + httpAddr + "/metrics")
-	if err != nil {
-		return 0, 0
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
-	for _, line := range strings.Split(string(body), "\n") {
-		f := strings.Fields(line)
-		if len(f) != 2 {
-			continue
-		}
-		v, _ := strconv.ParseFloat(f[1], 64)
-		switch f[0] {
-		case "edged_station_commits_total":
-			commits = v
-		case "edged_station_commit_changes_total":
-			changes = v
-		}
-	}
-	return commits, changes
 }

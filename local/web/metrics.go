@@ -75,6 +75,11 @@ var (
 	mCommits        = desc("station_commits_total", "Store commits made by the station's committer, one fsync each.")
 	mCommitChanges  = desc("station_commit_changes_total", "Decisions' changes those commits carried.")
 
+	mStoreTxs    = desc("store_write_txs_total", "Write transactions the store committed, by the operation that ran them.", "by")
+	mStoreFsyncs = desc("store_fsyncs_total", "fsync and fdatasync calls of the store: two per write transaction, one per file growth.")
+	mStoreGrows  = desc("store_file_grows_total", "Growths of the store's file, one fsync each.")
+	mStoreOps    = desc("store_ops_total", "Operations the store's write transactions made durable: commits, acks, device states.", "kind")
+
 	mBusPortOpen    = desc("bus_port_open", "1 while the bus's serial port is open.", "bus")
 	mBusOpens       = desc("bus_port_opens_total", "Successful opens of the bus's port; more than 1 means it was reopened.", "bus")
 	mBusPortErrors  = desc("bus_port_errors_total", "I/O failures of the bus's port.", "bus")
@@ -101,7 +106,7 @@ func (c stationCollector) Describe(ch chan<- *prometheus.Desc) {
 		mUplinkState, mUplinkReconnects, mUplinkConnects, mUplinkAcked,
 		mUplinkProfile, mUplinkMessages, mUplinkEvents, mUplinkBatches, mUplinkWaits, mUplinkRefused, mUplinkLive, mUplinkDownHeld,
 		mRentalsActive, mRentalsStarted, mRentalsEnded, mRentalResults, mCommandResults, mUnrentedUse,
-		mCommits, mCommitChanges,
+		mCommits, mCommitChanges, mStoreTxs, mStoreFsyncs, mStoreGrows, mStoreOps,
 		mBusPortOpen, mBusOpens, mBusPortErrors, mBusRequests, mBusTimeouts, mBusCRCErrors,
 		mBusFrameErrors, mBusExceptions, mBusFailedPolls, mBusDevOnline} {
 		ch <- d
@@ -200,6 +205,18 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(mCommits, float64(st.Commits))
 	counter(mCommitChanges, float64(st.CommitChanges))
 
+	if ws, ok := s.cfg.Store.(storeWriter); ok {
+		w := ws.Writes()
+		for by, v := range w.Txs {
+			counter(mStoreTxs, float64(v), by)
+		}
+		counter(mStoreFsyncs, float64(w.Fsyncs))
+		counter(mStoreGrows, float64(w.Grows))
+		counter(mStoreOps, float64(w.Commits), "commit")
+		counter(mStoreOps, float64(w.Acks), "ack")
+		counter(mStoreOps, float64(w.DeviceStates), "device_state")
+	}
+
 	buses := s.buses()
 	sort.Slice(buses, func(i, j int) bool { return buses[i].Name < buses[j].Name })
 	for i, b := range buses {
@@ -223,6 +240,11 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(mBusDevOnline, float64(online), b.Name)
 	}
+}
+
+// storeWriter is what a Store that counts its writes offers.
+type storeWriter interface {
+	Writes() edged.StoreWrites
 }
 
 // promLogger sends promhttp's errors to the server's log.

@@ -1,0 +1,189 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stationedge/edged"
+)
+
+// writesDelta is what happened between two Writes.
+func writesDelta(a, b edged.StoreWrites) edged.StoreWrites {
+	d := edged.StoreWrites{Txs: map[string]uint64{}, Fsyncs: b.Fsyncs - a.Fsyncs, Grows: b.Grows - a.Grows,
+		Commits: b.Commits - a.Commits, Acks: b.Acks - a.Acks, DeviceStates: b.DeviceStates - a.DeviceStates}
+	for k, v := range b.Txs {
+		if v != a.Txs[k] {
+			d.Txs[k] = v - a.Txs[k]
+		}
+	}
+	return d
+}
+
+func fmtTxs(m map[string]uint64) string {
+	var parts []string
+	for _, k := range txKindNames {
+		if m[k] > 0 {
+			parts = append(parts, fmt.Sprintf("%s=%d", k, m[k]))
+		}
+	}
+	return strings.Join(parts, " ")
+}
+
+// Every write transaction is counted once, under what ran it, with the
+// operations it made durable: a commit is one transaction (two fsyncs), an
+// Ack riding a commit adds none, an Ack alone adds one. The count matches
+// bbolt's own transaction ids, so no write path escapes it.
+func TestWritesCountTransactionsAndWhatTheyCarried(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "edged.db")
+	db := openTest(t, path, Options{FlushInterval: time.Hour})
+	ctx := context.Background()
+	if got := db.Writes().Txs["open"]; got != 1 {
+		t.Errorf("a new store counted %d open transactions, want 1", got)
+	}
+	id0 := committedTxs(t, db)
+	check := func(what string, before edged.StoreWrites, want edged.StoreWrites) edged.StoreWrites {
+		t.Helper()
+		after := db.Writes()
+		got := writesDelta(before, after)
+		if fmtTxs(got.Txs) != fmtTxs(want.Txs) || got.Commits != want.Commits || got.Acks != want.Acks || got.DeviceStates != want.DeviceStates {
+			t.Errorf("%s: transactions %q, commits %d, acks %d, device states %d; want %q, %d, %d, %d", what,
+				fmtTxs(got.Txs), got.Commits, got.Acks, got.DeviceStates, fmtTxs(want.Txs), want.Commits, want.Acks, want.DeviceStates)
+		}
+		if wantF := 2*got.Tx() + got.Grows; got.Fsyncs != wantF {
+			t.Errorf("%s: %d fsyncs for %d transactions and %d growths, want %d", what, got.Fsyncs, got.Tx(), got.Grows, wantF)
+		}
+		return after
+	}
+
+	w := db.Writes()
+	evs := commit(t, db, edged.Change{Rentals: []edged.Rental{{ID: "r-1"}}, Events: []edged.Event{rentalEvent("r-1"), rentalEvent("r-1b")}})
+	w = check("a commit", w, edged.StoreWrites{Txs: map[string]uint64{"commit": 1}, Commits: 1})
+
+	if err := db.Ack(ctx, evs[0].Seq); err != nil {
+		t.Fatal(err)
+	}
+	w = check("an ack alone", w, edged.StoreWrites{Txs: map[string]uint64{"ack": 1}, Acks: 1})
+
+	// An Ack made while a commit is in its transaction rides in it.
+	inTx, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	db.testHookCommit = func() { once.Do(func() { close(inTx); <-release }) }
+	committed := make(chan error, 1)
+	go func() {
+		_, err := db.Commit(ctx, edged.Change{Rentals: []edged.Rental{{ID: "r-2"}}, Events: []edged.Event{rentalEvent("r-2")}})
+		committed <- err
+	}()
+	<-inTx
+	acked := make(chan error, 1)
+	go func() { acked <- db.Ack(ctx, evs[1].Seq) }()
+	queued := func() bool {
+		db.ackMu.Lock()
+		defer db.ackMu.Unlock()
+		return len(db.acks) == 1
+	}
+	for i := 0; i < 3000 && !queued(); i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !queued() {
+		t.Fatal("the Ack never queued")
+	}
+	close(release)
+	if err := <-committed; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-acked; err != nil {
+		t.Fatal(err)
+	}
+	db.testHookCommit = nil
+	w = check("an ack riding a commit", w, edged.StoreWrites{Txs: map[string]uint64{"commit": 1}, Commits: 1, Acks: 1})
+
+	for i := range 3 {
+		db.SaveDeviceState(edged.DeviceState{DeviceID: fmt.Sprintf("chair-%03d", i), Status: edged.StatusIdle, Version: 1})
+	}
+	if err := db.flushDevices(); err != nil {
+		t.Fatal(err)
+	}
+	w = check("a flush of 3 device states", w, edged.StoreWrites{Txs: map[string]uint64{"device_flush": 1}, DeviceStates: 3})
+
+	db.SaveDeviceState(edged.DeviceState{DeviceID: "chair-009", Status: edged.StatusIdle, Version: 1})
+	commit(t, db, edged.Change{Rentals: []edged.Rental{{ID: "r-3"}}})
+	w = check("a commit carrying a device state", w, edged.StoreWrites{Txs: map[string]uint64{"commit": 1}, Commits: 1, DeviceStates: 1})
+
+	if err := db.SaveRegistry(ctx, edged.AppliedRegistry{Version: 1}); err != nil {
+		t.Fatal(err)
+	}
+	w = check("a registry", w, edged.StoreWrites{Txs: map[string]uint64{"registry": 1}})
+
+	if err := db.pruneLog(); err != nil {
+		t.Fatal(err)
+	}
+	w = check("a release of acked events", w, edged.StoreWrites{Txs: map[string]uint64{"prune": 1}})
+
+	// Device events committed at once share transactions (bbolt's batch),
+	// each counted once however many commits it carried.
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for i := range 16 {
+		wg.Go(func() {
+			_, err := db.Commit(ctx, edged.Change{Events: []edged.Event{deviceEvent(i)}})
+			errs <- err
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	d := writesDelta(w, db.Writes())
+	if d.Commits != 16 || d.Txs["commit"] < 1 || d.Txs["commit"] > 16 || d.Tx() != d.Txs["commit"] {
+		t.Errorf("16 concurrent commits: %d counted in transactions %q, want 16 in 1 to 16 commit transactions", d.Commits, fmtTxs(d.Txs))
+	}
+
+	if got, want := db.Writes().Tx()-1, committedTxs(t, db)-id0; got != want {
+		t.Errorf("counted %d write transactions after open, bbolt committed %d", got, want)
+	}
+}
+
+// Each growth of the file (one more fsync in bbolt) is counted once, and
+// reopening a store writes, and counts, nothing.
+func TestWritesCountFileGrowth(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "edged.db")
+	db := openTest(t, path, Options{FlushInterval: time.Hour})
+	size := func() int64 {
+		fi, err := os.Stat(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return fi.Size()
+	}
+	g0, last := db.Writes().Grows, size()
+	seen := 0
+	data := fmt.Sprintf(`{"device_id":"chair-001","event":{"blob":%q}}`, strings.Repeat("x", 4000))
+	for i := 0; i < 2000 && seen < 3; i++ {
+		commit(t, db, edged.Change{Events: []edged.Event{event(edged.EventDeviceEvent, data)}})
+		if s := size(); s > last {
+			seen, last = seen+1, s
+		}
+	}
+	if seen < 3 {
+		t.Fatalf("the file grew %d times in 2000 commits, want 3 to test", seen)
+	}
+	if got := db.Writes().Grows - g0; got != uint64(seen) {
+		t.Errorf("counted %d growths, the file grew %d times", got, seen)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db = openTest(t, path, Options{FlushInterval: time.Hour})
+	if w := db.Writes(); w.Tx() != 0 || w.Fsyncs != 0 {
+		t.Errorf("reopening counted transactions %q and %d fsyncs, want none", fmtTxs(w.Txs), w.Fsyncs)
+	}
+}
