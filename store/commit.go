@@ -76,6 +76,7 @@ func (db *DB) Commit(ctx context.Context, c edged.Change) ([]edged.Event, error)
 	db.committing.Add(1)
 	defer func() {
 		db.committing.Add(-1)
+		db.lastEnd.Store(time.Now().UnixNano())
 		db.endMu.Lock()
 		close(db.endCh)
 		db.endCh = make(chan struct{})

@@ -249,6 +249,8 @@ type DB struct {
 	committing atomic.Int64
 	endMu      sync.Mutex
 	endCh      chan struct{}
+	lastEnd    atomic.Int64 // when the last commit ended, unix ns
+	ackLinger  time.Duration
 
 	// writes counts write transactions, fsyncs and what they carried.
 	writes writeCounters
@@ -361,14 +363,15 @@ func Open(path string, opts Options) (*DB, error) {
 	// keeps a lone committer's latency low.
 	bdb.MaxBatchDelay = 2 * time.Millisecond
 	db := &DB{
-		bolt:   bdb,
-		opts:   opts,
-		logger: logger,
-		notify: make(chan struct{}, 1),
-		devBuf: make(map[string]bufferedState),
-		kick:   make(chan struct{}, 1),
-		endCh:  make(chan struct{}),
-		stop:   make(chan struct{}),
+		bolt:      bdb,
+		opts:      opts,
+		logger:    logger,
+		notify:    make(chan struct{}, 1),
+		devBuf:    make(map[string]bufferedState),
+		kick:      make(chan struct{}, 1),
+		endCh:     make(chan struct{}),
+		ackLinger: ackLinger,
+		stop:      make(chan struct{}),
 	}
 	if fi, err := os.Stat(path); err == nil {
 		db.writes.size.Store(fi.Size()) // bbolt's own file creation is not counted
@@ -519,10 +522,18 @@ func (db *DB) maintain() {
 // rescans the whole file for free pages, and committing an empty one still
 // writes and fsyncs a meta page.
 func (db *DB) update(op string, kind txKind, fn func(tx *bolt.Tx) error) error {
-	err := storeErr(op, db.bolt.Update(db.counted(kind, fn)))
+	err := db.bolt.Update(db.counted(kind, fn))
+	if errors.Is(err, errNothingToWrite) {
+		return nil
+	}
+	err = storeErr(op, err)
 	db.setHealth(err)
 	return err
 }
+
+// errNothingToWrite rolls back an update that found nothing to do: bbolt
+// would otherwise commit it, two fsyncs for an unchanged file.
+var errNothingToWrite = errors.New("nothing to write")
 
 // storeErr turns an error of bbolt into an *edged.Error: edged's own errors
 // pass through; anything else (I/O errors, a full disk, a closed file; bbolt

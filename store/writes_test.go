@@ -187,3 +187,55 @@ func TestWritesCountFileGrowth(t *testing.T) {
 		t.Errorf("reopening counted transactions %q and %d fsyncs, want none", fmtTxs(w.Txs), w.Fsyncs)
 	}
 }
+
+// On a busy station (a commit ended within ackLinger) an Ack waits for the
+// next commit to carry it instead of paying a transaction of its own; on
+// an idle one it is written at once.
+func TestAckRidesTheNextCommitOfABusyStation(t *testing.T) {
+	db := openTest(t, filepath.Join(t.TempDir(), "edged.db"), Options{FlushInterval: time.Hour})
+	ctx := context.Background()
+	db.ackLinger = time.Hour // "busy" whatever the machine's speed: the next commit is the test's
+	evs := commit(t, db, edged.Change{Events: []edged.Event{rentalEvent("r-1"), rentalEvent("r-2")}})
+	w := db.Writes()
+	acked := make(chan error, 1)
+	go func() { acked <- db.Ack(ctx, evs[0].Seq) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		db.ackMu.Lock()
+		n := len(db.acks)
+		db.ackMu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the ack was never queued")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	select {
+	case err := <-acked:
+		t.Fatalf("the ack was written alone (err %v) although a commit had just ended", err)
+	default:
+	}
+	commit(t, db, edged.Change{Events: []edged.Event{rentalEvent("r-3")}})
+	if err := <-acked; err != nil {
+		t.Fatal(err)
+	}
+	d := writesDelta(w, db.Writes())
+	if fmtTxs(d.Txs) != "commit=1" || d.Acks != 1 {
+		t.Errorf("transactions %q carrying %d acks, want commit=1 carrying the ack", fmtTxs(d.Txs), d.Acks)
+	}
+	if st := db.OutboxStats(time.Now()); st.Events != 2 {
+		t.Errorf("outbox holds %d events after the ack, want 2", st.Events)
+	}
+
+	// Idle: nothing committed for longer than the linger.
+	db.ackLinger = time.Nanosecond
+	w = db.Writes()
+	if err := db.Ack(ctx, evs[1].Seq); err != nil {
+		t.Fatal(err)
+	}
+	if d := writesDelta(w, db.Writes()); fmtTxs(d.Txs) != "ack=1" {
+		t.Errorf("an idle station's ack made transactions %q, want ack=1", fmtTxs(d.Txs))
+	}
+}
