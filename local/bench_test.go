@@ -45,7 +45,7 @@ func (c *countingReporter) DeviceAck(context.Context, string, edged.CommandAck) 
 
 // benchBroker starts a broker with n devices bench-0..bench-(n-1), all with
 // secretA.
-func benchBroker(b *testing.B, n int, rep edged.DeviceReporter) (*Broker, []string) {
+func benchBroker(b testing.TB, n int, rep edged.DeviceReporter) (*Broker, []string) {
 	b.Helper()
 	hash, _ := hashes(b)
 	ids := make([]string, n)

@@ -23,6 +23,7 @@ func (b *bench) scenarioFootprint(t *table) error {
 		settle = 2 * time.Second
 		sizes = []int{0, 1000} // 5,000 only in the full run
 	}
+	var idleKB, mosqIdleKB int64 // VmRSS with no device, the base of the per-device figures
 	for _, n := range sizes {
 		var took time.Duration
 		measure := func(pid func() int, addr string, creds bool) (procStat, error) {
@@ -55,6 +56,9 @@ func (b *bench) scenarioFootprint(t *table) error {
 		if err != nil {
 			return fmt.Errorf("mosquitto: %w", err)
 		}
+		if n == 0 {
+			idleKB, mosqIdleKB = es.rssKB, ms.rssKB
+		}
 		b.logf("footprint n=%d: edged rss %d kB hwm %d kB threads %d; mosquitto rss %d kB threads %d", n, es.rssKB, es.hwmKB, es.threads, ms.rssKB, ms.threads)
 		cell := func(s procStat) string {
 			return fmt.Sprintf("%.1f MB (HWM %.1f), %d threads", float64(s.rssKB)/1024, float64(s.hwmKB)/1024, s.threads)
@@ -69,6 +73,15 @@ func (b *bench) scenarioFootprint(t *table) error {
 		}
 		t.add("footprint", fmt.Sprintf("%d idle devices: VmRSS, threads", n), cell(es), cell(ms), target, v)
 		if n > 0 {
+			// What one more idle device costs, against the same binary with
+			// none connected: issue 13 asks 20 kB at most.
+			per := func(s procStat, base int64) float64 { return float64(s.rssKB-base) / float64(n) }
+			target, v := "", ""
+			if n == 5000 {
+				target, v = "<= 20 KiB", verdict(per(es, idleKB) <= 20, fmt.Sprintf("%.1f KiB", per(es, idleKB)))
+			}
+			t.add("footprint", fmt.Sprintf("%d idle devices: VmRSS per device, over 0 devices", n),
+				fmt.Sprintf("%.1f KiB", per(es, idleKB)), fmt.Sprintf("%.1f KiB", per(ms, mosqIdleKB)), target, v)
 			t.add("footprint", fmt.Sprintf("%d devices connect at once (64 in parallel): all CONNACKed and SUBACKed", n),
 				fmt.Sprintf("%.1f s", etook.Seconds()), fmt.Sprintf("%.1f s", took.Seconds()), "", "")
 		}
