@@ -264,23 +264,36 @@ func (m *Main) tuneGC(ctx context.Context) error {
 			n := allocs[0].Value.Uint64()
 			rate := float64(n-last) / now.Sub(lastAt).Seconds()
 			last, lastAt = n, now
-			switch {
-			case !lean && rate < gcLeanRate:
-				lean = true
+			next := gcLean(lean, rate)
+			if next == lean {
+				continue
+			}
+			lean = next
+			if !lean {
+				debug.SetGCPercent(gcBusyPercent)
+			} else {
 				debug.SetGCPercent(gcLeanPercent)
 				if now.Sub(returned) >= gcReturnEvery {
 					returned = now
 					debug.FreeOSMemory()
 				}
-			case lean && rate > gcBusyRate:
-				lean = false
-				debug.SetGCPercent(gcBusyPercent)
-			default:
-				continue
 			}
 			m.Logger.Debug("gc target changed", "lean", lean, "alloc_bytes_per_s", int64(rate))
 		}
 	}
+}
+
+// gcLean decides whether the GC runs lean, from whether it does and the
+// allocation rate in bytes per second: lean below gcLeanRate, busy above
+// gcBusyRate, unchanged between them so it does not flap.
+func gcLean(lean bool, rate float64) bool {
+	switch {
+	case rate < gcLeanRate:
+		return true
+	case rate > gcBusyRate:
+		return false
+	}
+	return lean
 }
 
 // stuckAfter is how long the rental loop may go without a pass before
