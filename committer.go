@@ -211,26 +211,60 @@ func (s *Station) actLocked(durableOnly bool, do func(ctx context.Context) func(
 }
 
 // commitLoop is the committer: it runs while tickets are queued, one loop
-// at a time (Station.committing), and exits when none is left.
+// at a time (Station.committing), and exits when none is left and every
+// batch's effects are performed.
+//
+// The effects of a batch are performed by an actor goroutine, in batch
+// order, while the committer writes the next batch: sending the commands
+// to the devices then no longer waits for, nor delays, the next fsync.
+// Both run while Station.committing holds, so a decision that changed
+// nothing still waits for the effects of those before it.
 func (s *Station) commitLoop() {
 	ctx := context.Background() // a decision, once begun, is carried out whole
+	acts := make(chan func(), actDepth)
+	acted := make(chan struct{}, actDepth)
+	go func() {
+		for act := range acts {
+			act()
+			acted <- struct{}{}
+		}
+	}()
+	defer close(acts)
+	inflight := 0
 	for {
 		s.mu.Lock()
 		if len(s.queue) == 0 {
-			s.committing = false
+			if inflight == 0 {
+				s.committing = false
+				s.mu.Unlock()
+				return
+			}
 			s.mu.Unlock()
-			return
+			<-acted // the effects may have queued follow-up decisions
+			inflight--
+			continue
 		}
 		batch := s.queue
 		s.queue = nil
 		s.mu.Unlock()
-		s.commitBatch(ctx, batch)
+		act := s.commitBatch(ctx, batch)
+		for inflight == actDepth {
+			<-acted
+			inflight--
+		}
+		acts <- act
+		inflight++
 	}
 }
 
-// commitBatch commits the tickets' changes in one Store.Commit, then
-// performs their effects in order and wakes their callers.
-func (s *Station) commitBatch(ctx context.Context, batch []*ticket) {
+// actDepth bounds the batches whose effects wait for the actor while the
+// committer writes: back pressure when the devices' sends fall behind.
+const actDepth = 2
+
+// commitBatch commits the tickets' changes in one Store.Commit and returns
+// what remains to do once they are durable: perform their effects in
+// order and wake their callers.
+func (s *Station) commitBatch(ctx context.Context, batch []*ticket) (act func()) {
 	force := false
 	for _, t := range batch {
 		force = force || t.force
@@ -268,10 +302,15 @@ func (s *Station) commitBatch(ctx context.Context, batch []*ticket) {
 				s.mu.Lock()
 				s.stopsDone = append(done, s.stopsDone...)
 				s.mu.Unlock()
+				acts := make([]func(), 0, len(batch))
 				for _, t := range batch {
-					s.commitBatch(ctx, []*ticket{t})
+					acts = append(acts, s.commitBatch(ctx, []*ticket{t}))
 				}
-				return
+				return func() {
+					for _, act := range acts {
+						act()
+					}
+				}
 			}
 			err = fmt.Errorf("commit: %w", err)
 		}
@@ -301,21 +340,23 @@ func (s *Station) commitBatch(ctx context.Context, batch []*ticket) {
 	}
 	s.mu.Unlock()
 
-	for _, t := range batch {
-		for _, e := range t.effects {
-			if e.durableOnly && err != nil {
-				continue
+	return func() {
+		for _, t := range batch {
+			for _, e := range t.effects {
+				if e.durableOnly && err != nil {
+					continue
+				}
+				if f := e.do(ctx); f != nil {
+					s.mu.Lock()
+					t.then = append(t.then, s.followLocked(f))
+					s.mu.Unlock()
+				}
 			}
-			if f := e.do(ctx); f != nil {
-				s.mu.Lock()
-				t.then = append(t.then, s.followLocked(f))
-				s.mu.Unlock()
+			if len(t.steps) > 0 {
+				t.err = err
 			}
+			close(t.done)
 		}
-		if len(t.steps) > 0 {
-			t.err = err
-		}
-		close(t.done)
 	}
 }
 
