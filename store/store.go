@@ -199,6 +199,7 @@ const schemaVersion = 1
 // is safe for concurrent use.
 type DB struct {
 	bolt   *bolt.DB
+	path   string // the file's, kept here: bbolt's own is cleared by Close
 	opts   Options
 	logger *slog.Logger
 
@@ -364,6 +365,7 @@ func Open(path string, opts Options) (*DB, error) {
 	bdb.MaxBatchDelay = 2 * time.Millisecond
 	db := &DB{
 		bolt:      bdb,
+		path:      path,
 		opts:      opts,
 		logger:    logger,
 		notify:    make(chan struct{}, 1),

@@ -71,7 +71,7 @@ func (db *DB) counted(kind txKind, fn func(*bolt.Tx) error) func(*bolt.Tx) error
 // the start of every write transaction and after every commit, so at most
 // one growth (one commit) lies between two looks.
 func (db *DB) sawGrowth() {
-	fi, err := os.Stat(db.bolt.Path())
+	fi, err := os.Stat(db.path) // not bolt.Path(): a commit handler may run during Close
 	if err != nil {
 		return
 	}
