@@ -41,7 +41,10 @@ func quickAckDial(uri string) bool {
 // openConn is the uplink's paho OpenConnectionFunc for TCP and TLS: paho's
 // own dialling, with quickAck under TLS.
 func openConn(uri *url.URL, o mqtt.ClientOptions) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), o.ConnectTimeout)
+	ctx, cancel := context.Background(), context.CancelFunc(func() {})
+	if o.ConnectTimeout > 0 { // paho's own: 0 means none
+		ctx, cancel = context.WithTimeout(ctx, o.ConnectTimeout)
+	}
 	defer cancel()
 	var d net.Dialer
 	if o.Dialer != nil {
