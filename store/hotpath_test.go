@@ -260,41 +260,8 @@ func TestAckRidesConcurrentCommit(t *testing.T) {
 	ctx := context.Background()
 	commit(t, db, edged.Change{Events: []edged.Event{deviceEvent(1), deviceEvent(2)}})
 
-	inTx, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	db.testHookCommit = func() {
-		once.Do(func() {
-			close(inTx)
-			<-release
-		})
-	}
 	tx0 := committedTxs(t, db)
-	committed := make(chan error, 1)
-	go func() {
-		_, err := db.Commit(ctx, edged.Change{Rentals: []edged.Rental{{ID: "r-1"}}, Events: []edged.Event{rentalEvent("r-1")}})
-		committed <- err
-	}()
-	<-inTx
-	acked := make(chan error, 1)
-	go func() { acked <- db.Ack(ctx, 1, 2) }()
-	queued := func() bool {
-		db.ackMu.Lock()
-		defer db.ackMu.Unlock()
-		return len(db.acks) == 1
-	}
-	for i := 0; i < 3000 && !queued(); i++ {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if !queued() {
-		t.Fatal("the Ack never queued")
-	}
-	close(release)
-	if err := <-committed; err != nil {
-		t.Fatal(err)
-	}
-	if err := <-acked; err != nil {
-		t.Fatal(err)
-	}
+	ackDuringCommit(t, db, edged.Change{Rentals: []edged.Rental{{ID: "r-1"}}, Events: []edged.Event{rentalEvent("r-1")}}, 1, 2)
 	if got := committedTxs(t, db) - tx0; got != 1 {
 		t.Errorf("the commit and the Ack took %d write transactions, want 1", got)
 	}
@@ -438,5 +405,49 @@ func TestSingleCommitterSkipsTheBatch(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("the commit waited for a batch")
+	}
+}
+
+// ackDuringCommit commits ch, and while that commit is inside its
+// transaction Acks seqs; it returns once both returned, failing the test
+// on an error of either.
+func ackDuringCommit(t *testing.T, db *DB, ch edged.Change, seqs ...uint64) {
+	t.Helper()
+	ctx := context.Background()
+	inTx, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	db.testHookCommit = func() { once.Do(func() { close(inTx); <-release }) }
+	defer func() { db.testHookCommit = nil }()
+	committed := make(chan error, 1)
+	go func() {
+		_, err := db.Commit(ctx, ch)
+		committed <- err
+	}()
+	<-inTx
+	acked := make(chan error, 1)
+	go func() { acked <- db.Ack(ctx, seqs...) }()
+	waitAcksQueued(t, db, 1)
+	close(release)
+	if err := <-committed; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-acked; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitAcksQueued waits until n Acks wait for a transaction to carry them.
+func waitAcksQueued(t *testing.T, db *DB, n int) {
+	t.Helper()
+	queued := func() bool {
+		db.ackMu.Lock()
+		defer db.ackMu.Unlock()
+		return len(db.acks) == n
+	}
+	for i := 0; i < 3000 && !queued(); i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !queued() {
+		t.Fatalf("%d Acks never queued", n)
 	}
 }

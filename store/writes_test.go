@@ -71,36 +71,7 @@ func TestWritesCountTransactionsAndWhatTheyCarried(t *testing.T) {
 	w = check("an ack alone", w, edged.StoreWrites{Txs: map[string]uint64{"ack": 1}, Acks: 1})
 
 	// An Ack made while a commit is in its transaction rides in it.
-	inTx, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	db.testHookCommit = func() { once.Do(func() { close(inTx); <-release }) }
-	committed := make(chan error, 1)
-	go func() {
-		_, err := db.Commit(ctx, edged.Change{Rentals: []edged.Rental{{ID: "r-2"}}, Events: []edged.Event{rentalEvent("r-2")}})
-		committed <- err
-	}()
-	<-inTx
-	acked := make(chan error, 1)
-	go func() { acked <- db.Ack(ctx, evs[1].Seq) }()
-	queued := func() bool {
-		db.ackMu.Lock()
-		defer db.ackMu.Unlock()
-		return len(db.acks) == 1
-	}
-	for i := 0; i < 3000 && !queued(); i++ {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if !queued() {
-		t.Fatal("the Ack never queued")
-	}
-	close(release)
-	if err := <-committed; err != nil {
-		t.Fatal(err)
-	}
-	if err := <-acked; err != nil {
-		t.Fatal(err)
-	}
-	db.testHookCommit = nil
+	ackDuringCommit(t, db, edged.Change{Rentals: []edged.Rental{{ID: "r-2"}}, Events: []edged.Event{rentalEvent("r-2")}}, evs[1].Seq)
 	w = check("an ack riding a commit", w, edged.StoreWrites{Txs: map[string]uint64{"commit": 1}, Commits: 1, Acks: 1})
 
 	for i := range 3 {
@@ -199,19 +170,7 @@ func TestAckRidesTheNextCommitOfABusyStation(t *testing.T) {
 	w := db.Writes()
 	acked := make(chan error, 1)
 	go func() { acked <- db.Ack(ctx, evs[0].Seq) }()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		db.ackMu.Lock()
-		n := len(db.acks)
-		db.ackMu.Unlock()
-		if n == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the ack was never queued")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	waitAcksQueued(t, db, 1)
 	select {
 	case err := <-acked:
 		t.Fatalf("the ack was written alone (err %v) although a commit had just ended", err)
