@@ -54,10 +54,9 @@ func (db *DB) counted(kind txKind, fn func(*bolt.Tx) error) func(*bolt.Tx) error
 		w := &db.writes
 		if w.tx != tx {
 			w.tx = tx
-			// bbolt grows the file only in a commit, under the writer
-			// lock this function holds: looking now catches a growth by
-			// the previous commit even if it then failed.
-			db.sawGrowth()
+			// bbolt grows the file only in a commit: looking once it
+			// committed is enough (a growth by a commit that then failed
+			// is seen with the next one's).
 			tx.OnCommit(func() {
 				w.txs[kind].Add(1)
 				db.sawGrowth()
@@ -67,9 +66,8 @@ func (db *DB) counted(kind txKind, fn func(*bolt.Tx) error) func(*bolt.Tx) error
 	}
 }
 
-// sawGrowth counts a growth of the file since it last looked. It looks at
-// the start of every write transaction and after every commit, so at most
-// one growth (one commit) lies between two looks.
+// sawGrowth counts a growth of the file since it last looked, after every
+// commit: one stat per write transaction.
 func (db *DB) sawGrowth() {
 	fi, err := os.Stat(db.path) // not bolt.Path(): a commit handler may run during Close
 	if err != nil {
