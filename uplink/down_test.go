@@ -21,11 +21,7 @@ const (
 // station, in order, once the link is back.
 func TestDownWhileCut(t *testing.T) {
 	m := startMosquitto(t, "")
-	p, err := faultproxy.New(m.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newProxy(t, m.addr)
 	c := newCloud(t, m.addr, "nothing/here")
 	s := newStation()
 	u, err := New(s.config(t, "tcp://"+p.Addr()))
@@ -70,11 +66,7 @@ func TestDownWhileCut(t *testing.T) {
 // the next connection.
 func TestDownRedelivery(t *testing.T) {
 	m := startMosquitto(t, "")
-	p, err := faultproxy.New(m.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newProxy(t, m.addr)
 	c := newCloud(t, m.addr, "nothing/here")
 	s := newStation()
 	s.handler.fail = func(call int, payload []byte) error {
@@ -110,15 +102,7 @@ func TestDownRedelivery(t *testing.T) {
 	}
 
 	// Acknowledged: a new connection brings nothing back.
-	time.Sleep(200 * time.Millisecond) // let the PUBACKs reach the broker
-	p.Cut()
-	waitFor(t, 5*time.Second, "the cut noticed", func() bool { return u.Status().State != StateConnected })
-	p.Restore()
-	waitFor(t, 5*time.Second, "reconnected", func() bool { return u.Status().State == StateConnected })
-	time.Sleep(500 * time.Millisecond)
-	if _, _, got := s.handler.snapshot(); got != calls {
-		t.Errorf("handler calls after a reconnect: got %d, want %d (nothing redelivered)", got, calls)
-	}
+	reconnectRedeliversNothing(t, p, u, s, calls)
 }
 
 // TestDownHeldWhileStoreCannotWrite: while the station cannot store a
@@ -128,11 +112,7 @@ func TestDownRedelivery(t *testing.T) {
 // messages are handled in order and acknowledged, and none comes back.
 func TestDownHeldWhileStoreCannotWrite(t *testing.T) {
 	m := startMosquitto(t, "")
-	p, err := faultproxy.New(m.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newProxy(t, m.addr)
 	c := newCloud(t, m.addr, eventsTopic)
 	s := newStation()
 	var full atomic.Bool
@@ -186,15 +166,7 @@ func TestDownHeldWhileStoreCannotWrite(t *testing.T) {
 	}
 
 	// Acknowledged in order: a new connection brings nothing back.
-	time.Sleep(200 * time.Millisecond) // let the PUBACKs reach the broker
-	p.Cut()
-	waitFor(t, 5*time.Second, "the cut noticed", func() bool { return u.Status().State != StateConnected })
-	p.Restore()
-	waitFor(t, 5*time.Second, "reconnected", func() bool { return u.Status().State == StateConnected })
-	time.Sleep(500 * time.Millisecond)
-	if _, _, got := s.handler.snapshot(); got != after {
-		t.Errorf("handler calls after a reconnect: got %d, want %d (nothing redelivered)", got, after)
-	}
+	reconnectRedeliversNothing(t, p, u, s, after)
 }
 
 // TestSlowHandler: a store that takes longer than the keepalive's ping
@@ -241,5 +213,21 @@ func TestSlowHandler(t *testing.T) {
 	}
 	if r, _, calls := s.handler.snapshot(); len(r) != grants || calls != grants {
 		t.Fatalf("%d grants stored in %d calls, want %d in %d", len(r), calls, grants, grants)
+	}
+}
+
+// reconnectRedeliversNothing cuts the link and waits for the uplink to be
+// back, then checks the handler saw no more than want calls: what was
+// acknowledged before the cut is not redelivered.
+func reconnectRedeliversNothing(t *testing.T, p *faultproxy.Proxy, u *Uplink, s *station, want int) {
+	t.Helper()
+	time.Sleep(200 * time.Millisecond) // let the PUBACKs reach the broker
+	p.Cut()
+	waitFor(t, 5*time.Second, "the cut noticed", func() bool { return u.Status().State != StateConnected })
+	p.Restore()
+	waitFor(t, 5*time.Second, "reconnected", func() bool { return u.Status().State == StateConnected })
+	time.Sleep(500 * time.Millisecond)
+	if _, _, got := s.handler.snapshot(); got != want {
+		t.Errorf("handler calls after a reconnect: got %d, want %d (nothing redelivered)", got, want)
 	}
 }

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/stationedge/edged"
-	"github.com/stationedge/edged/internal/faultproxy"
 )
 
 // poolHandler is a CloudHandler that records how many calls it had in
@@ -104,11 +103,7 @@ func (h *poolHandler) count(payload string) (calls, stored int) {
 // nothing before it.
 func TestDownConcurrentDevices(t *testing.T) {
 	m := startMosquitto(t, "")
-	p, err := faultproxy.New(m.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newProxy(t, m.addr)
 	c := newCloud(t, m.addr, "nothing/here")
 	s := newStation()
 	const k = 4

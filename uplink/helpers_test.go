@@ -18,6 +18,7 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/stationedge/edged"
+	"github.com/stationedge/edged/internal/faultproxy"
 )
 
 // mosquitto is a Debian mosquitto broker run by a test, on loopback ports
@@ -469,4 +470,15 @@ func runUplink(t *testing.T, u *Uplink) (stop func()) {
 	}
 	t.Cleanup(stop)
 	return stop
+}
+
+// newProxy starts a fault proxy in front of addr, closed when the test ends.
+func newProxy(t testing.TB, addr string) *faultproxy.Proxy {
+	t.Helper()
+	p, err := faultproxy.New(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
 }

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/stationedge/edged"
-	"github.com/stationedge/edged/internal/faultproxy"
 	"github.com/stationedge/edged/store"
 )
 
@@ -20,11 +19,7 @@ import (
 func TestQuota(t *testing.T) {
 	const flood = 3000
 	m := startMosquitto(t, "")
-	p, err := faultproxy.New(m.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newProxy(t, m.addr)
 	c := newCloud(t, m.addr, eventsTopic)
 
 	db, err := store.Open(filepath.Join(t.TempDir(), "edged.db"), store.Options{OutboxMaxBytes: 128 << 10})

@@ -14,7 +14,6 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/stationedge/edged"
-	"github.com/stationedge/edged/internal/faultproxy"
 )
 
 const (
@@ -144,11 +143,7 @@ func TestPresence(t *testing.T) {
 func TestOutage(t *testing.T) {
 	const devices, changes, events = 20, 500, 10000
 	m := startMosquitto(t, "")
-	p, err := faultproxy.New(m.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newProxy(t, m.addr)
 	c := newCloud(t, m.addr, "stations/st-1/#")
 	s := newStation()
 	for d := range devices {
@@ -236,11 +231,7 @@ func countPrefix(msgs []cloudMsg, prefix string) int {
 func TestStall(t *testing.T) {
 	const events = 5000
 	m := startMosquitto(t, "")
-	p, err := faultproxy.New(m.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newProxy(t, m.addr)
 	c := newCloud(t, m.addr, eventsTopic)
 	s := newStation()
 	u, err := New(s.config(t, "tcp://"+p.Addr()))
@@ -296,11 +287,7 @@ func TestFlapping(t *testing.T) {
 		period = 10 * time.Second
 	}
 	m := startMosquitto(t, "")
-	p, err := faultproxy.New(m.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newProxy(t, m.addr)
 	c := newCloud(t, m.addr, "stations/st-1/up/#")
 	s := newStation()
 	u, err := New(s.config(t, "tcp://"+p.Addr()))
@@ -423,11 +410,7 @@ func TestRenterTopic(t *testing.T) {
 // paho's for any of its connections are left behind.
 func TestRunCleansUp(t *testing.T) {
 	m := startMosquitto(t, "")
-	p, err := faultproxy.New(m.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := newProxy(t, m.addr)
 	before := runtime.NumGoroutine()
 	s := newStation()
 	s.states.Set(edged.DeviceState{DeviceID: "chair-1"})
