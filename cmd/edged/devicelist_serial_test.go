@@ -9,7 +9,6 @@ import (
 	"go.yaml.in/yaml/v3"
 
 	"github.com/stationedge/edged"
-	"github.com/stationedge/edged/serial/sim"
 )
 
 // A reload adds a charger to a running bus and changes a profile: the new
@@ -17,13 +16,7 @@ import (
 // with its profile's new telemetry, and its rental running across the
 // reload is not cut short and ends with its stop.
 func TestReloadSerialDevicesAndProfiles(t *testing.T) {
-	bus, err := sim.Start(sim.Options{Dir: t.TempDir(), Baud: 115200, Seed: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bus.Close()
-	bus.Add(7, sim.Charger())
-	bus.Add(8, sim.Charger())
+	bus := simChargers(t, 7, 8)
 	profile := func(telemetry bool) edged.Profile {
 		p := edged.Profile{
 			Status: &edged.StatusRegister{Table: "holding", Address: 0, Values: map[int]edged.Status{0: edged.StatusIdle, 1: edged.StatusInUse, 2: edged.StatusFault}},

@@ -15,13 +15,7 @@ import (
 // real Main, bus and simulator: the same events as an MQTT device, start
 // and stop as register writes, unrented use stopped.
 func TestSerialChargerRental(t *testing.T) {
-	bus, err := sim.Start(sim.Options{Dir: t.TempDir(), Baud: 115200, Seed: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer bus.Close()
-	bus.Add(7, sim.Charger())
-	bus.Add(8, sim.Charger())
+	bus := simChargers(t, 7, 8)
 
 	cfg := testConfig(t)
 	cfg.Serial.Buses = []edged.Bus{{Name: "bus0", Port: bus.Path(), Baud: 115200, DataBits: 8, Parity: "none",
@@ -96,4 +90,19 @@ func TestSerialChargerRental(t *testing.T) {
 	bus.Update(8, func(u *sim.Unit) { u.Holding[0] = 1 })
 	s.waitEvent(0, edged.EventUnrentedUse, func(d map[string]any) bool { return d["device_id"] == "charger-08" })
 	waitFor(t, "charger-08 stopped", func() bool { return bus.Holding(8, 17) == 1 })
+}
+
+// simChargers starts a simulated RS-485 bus (on a pty pair) with a
+// charger at each unit, closed when the test ends.
+func simChargers(t *testing.T, units ...byte) *sim.Sim {
+	t.Helper()
+	bus, err := sim.Start(sim.Options{Dir: t.TempDir(), Baud: 115200, Seed: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { bus.Close() })
+	for _, u := range units {
+		bus.Add(u, sim.Charger())
+	}
+	return bus
 }
