@@ -89,3 +89,5 @@ require (
 )
 
 tool github.com/goreleaser/nfpm/v2/cmd/nfpm
+
+replace github.com/mochi-mqtt/server/v2 => ./third_party/mochi-mqtt-server
