@@ -65,6 +65,16 @@ func (cl *Clients) GetAll() map[string]*Client {
 	return m
 }
 
+// appendAll appends every client to buf and returns it.
+func (cl *Clients) appendAll(buf []*Client) []*Client {
+	cl.RLock()
+	defer cl.RUnlock()
+	for _, v := range cl.internal {
+		buf = append(buf, v)
+	}
+	return buf
+}
+
 // Get returns the value of a client if it exists.
 func (cl *Clients) Get(id string) (*Client, bool) {
 	cl.RLock()

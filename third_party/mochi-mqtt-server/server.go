@@ -153,6 +153,7 @@ type loop struct {
 	inflightExpiry *time.Ticker     // interval ticker for cleaning up expired inflight messages
 	retainedExpiry *time.Ticker     // interval ticker for cleaning retained messages
 	willDelaySend  *time.Ticker     // interval ticker for sending Will Messages with a delay
+	clients        []*Client        // scratch list of clients, reused by the event loop (loopClients)
 	willDelayed    *packets.Packets // activate LWT packets which will be sent after a delay
 }
 
@@ -1720,7 +1721,8 @@ func (s *Server) loadRetained(v []storage.Message) {
 // clearExpiredClients deletes all clients which have been disconnected for longer
 // than their given expiry intervals.
 func (s *Server) clearExpiredClients(dt int64) {
-	for id, client := range s.Clients.GetAll() {
+	for _, client := range s.loopClients() {
+		id := client.ID
 		disconnected := client.StopTime()
 		if disconnected == 0 {
 			continue
@@ -1736,6 +1738,16 @@ func (s *Server) clearExpiredClients(dt int64) {
 			s.Clients.Delete(id) // [MQTT-4.1.0-2]
 		}
 	}
+}
+
+// loopClients returns the clients known now, in a slice the event loop
+// reuses: the loop looks at every client twice a second, and copying the
+// clients map each time (GetAll) made an idle broker with thousands of
+// clients allocate about a megabyte a second.
+func (s *Server) loopClients() []*Client {
+	clear(s.loop.clients) // drop the last pass's references
+	s.loop.clients = s.Clients.appendAll(s.loop.clients[:0])
+	return s.loop.clients
 }
 
 // clearExpiredRetainedMessage deletes retained messages from topics if they have expired.
@@ -1757,7 +1769,10 @@ func (s *Server) clearExpiredRetainedMessages(now int64) {
 
 // clearExpiredInflights deletes any inflight messages which have expired.
 func (s *Server) clearExpiredInflights(now int64) {
-	for _, client := range s.Clients.GetAll() {
+	for _, client := range s.loopClients() {
+		if client.State.Inflight.Len() == 0 {
+			continue // nothing to expire, and GetAll would allocate
+		}
 		if deleted := client.ClearExpiredInflights(now, s.Options.Capabilities.MaximumMessageExpiryInterval); len(deleted) > 0 {
 			for _, id := range deleted {
 				s.hooks.OnQosDropped(client, packets.Packet{PacketID: id})
