@@ -144,6 +144,20 @@ func (s *Station) DeviceStates() []DeviceState {
 	return out
 }
 
+// Online counts the devices online and the devices configured, without
+// copying their states (DeviceStates does): the daemon asks every few
+// seconds for its status line.
+func (s *Station) Online() (online, total int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, rec := range s.devices {
+		if rec.state.Online {
+			online++
+		}
+	}
+	return online, len(s.devices)
+}
+
 // Device returns one device's latest state. Errors: ENOTFOUND.
 func (s *Station) Device(id string) (DeviceState, error) {
 	s.mu.Lock()

@@ -1292,3 +1292,19 @@ func TestStopSendFailureRetried(t *testing.T) {
 		t.Fatalf("after start_timeout sent %+v, want the stop of r1 again", got)
 	}
 }
+
+// TestOnlineCounts checks the counts the daemon's status line shows.
+func TestOnlineCounts(t *testing.T) {
+	h := newHarness(t)
+	if on, all := h.st.Online(); on != 0 || all != 3 {
+		t.Fatalf("fresh station: %d/%d online, want 0/3", on, all)
+	}
+	h.online("chair-1", edged.StatusIdle)
+	h.online("chair-3", edged.StatusIdle)
+	if err := h.st.DeviceOnline(context.Background(), "chair-3", false); err != nil {
+		t.Fatal(err)
+	}
+	if on, all := h.st.Online(); on != 1 || all != 3 {
+		t.Fatalf("one device up, one gone: %d/%d online, want 1/3", on, all)
+	}
+}

@@ -341,15 +341,9 @@ func errorLines(err error) []string {
 // statusLine is systemd's STATUS=: the devices, rentals and uplink, and a
 // refused reload or registry while it is the last word.
 func (m *Main) statusLine() string {
-	online := 0
-	states := m.Station.DeviceStates()
-	for _, d := range states {
-		if d.Online {
-			online++
-		}
-	}
+	online, total := m.Station.Online()
 	s := fmt.Sprintf("%d/%d devices online, %d rentals, uplink %s",
-		online, len(states), len(m.Station.ActiveRentals()), m.uplinkState())
+		online, total, len(m.Station.ActiveRentals()), m.uplinkState())
 	if r := m.Source().LastRefusal; r != nil {
 		s += fmt.Sprintf("; %s refused (%s)", r.What, r.Reason)
 		if len(r.Errors) > 0 {
