@@ -217,15 +217,15 @@ func (m *Main) Run(ctx context.Context) error {
 
 // The GC's target (GOGC) follows what edged does. Go's default, 100, lets
 // the heap grow to what is live plus as much again, goroutine stacks
-// counted, before it collects: with 5,000 idle devices, whose two
-// goroutines each hold 20 KiB of stack, that is about 120 MB that stays
-// resident, as edged still allocates about 1 MB/s. A GC's cost grows with
-// the allocation rate over GOGC, so while edged allocates little it runs
-// lean (gcLeanPercent), a collection every 12-15 s with 5,000 idle
-// devices, and while it allocates fast (ingest, a reconnect storm) at
-// Go's default, which keeps ingest's CPU for ingest (docs/decisions.md).
+// counted, before it collects: with 5,000 idle devices (40 MB of heap, 6
+// KiB of stack each) that is about 70 MB more that stays resident. An idle
+// station allocates little (about 20 KB/s with 5,000 devices), so while
+// it does edged runs lean (gcLeanPercent): a collection every few
+// minutes, or every few seconds at the lean threshold. While it allocates
+// fast (ingest, a reconnect storm) it runs at Go's default, which keeps
+// ingest's CPU for ingest (docs/decisions.md).
 const (
-	gcLeanPercent = 25
+	gcLeanPercent = 10
 	gcBusyPercent = 100
 	// gcCheck is how often the allocation rate is looked at.
 	gcCheck = 2 * time.Second
