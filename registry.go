@@ -150,12 +150,12 @@ func (s *Station) DeviceStates() []DeviceState {
 func (s *Station) Online() (online, total int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, rec := range s.devices {
-		if rec.state.Online {
+	for _, id := range s.order { // the devices DeviceStates lists
+		if s.devices[id].state.Online {
 			online++
 		}
 	}
-	return online, len(s.devices)
+	return online, len(s.order)
 }
 
 // Device returns one device's latest state. Errors: ENOTFOUND.
