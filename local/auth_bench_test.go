@@ -1,18 +1,15 @@
 package local
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/stationedge/edged"
 	"golang.org/x/crypto/bcrypt"
 )
@@ -158,25 +155,7 @@ func holdLogin(addr, id, secret string) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	pk := packets.Packet{
-		FixedHeader:     packets.FixedHeader{Type: packets.Connect},
-		ProtocolVersion: 4,
-		Connect: packets.ConnectParams{
-			ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 120,
-			ClientIdentifier: id, UsernameFlag: true, Username: []byte(id),
-			PasswordFlag: true, Password: []byte(secret),
-		},
-	}
-	var buf bytes.Buffer
-	if err := pk.ConnectEncode(&buf); err != nil {
-		conn.Close()
-		return nil, err
-	}
-	_ = conn.SetDeadline(time.Now().Add(time.Minute))
-	ack := make([]byte, 4)
-	if _, err := conn.Write(buf.Bytes()); err == nil {
-		_, err = io.ReadFull(conn, ack)
-	}
+	ack, err := rawExchange(conn, rawConnectPacket(id, id, secret, 120), 4, time.Minute)
 	if err == nil && ack[3] == 3 {
 		conn.Close()
 		return nil, errBusyAck
@@ -185,6 +164,5 @@ func holdLogin(addr, id, secret string) (net.Conn, error) {
 		conn.Close()
 		return nil, fmt.Errorf("%s: connack %x: %v", id, ack, err)
 	}
-	_ = conn.SetDeadline(time.Time{})
 	return conn, nil
 }

@@ -282,25 +282,8 @@ func rawLogin(addr, id, secret string) (byte, error) {
 		return 0, err
 	}
 	defer conn.Close()
-	pk := packets.Packet{
-		FixedHeader:     packets.FixedHeader{Type: packets.Connect},
-		ProtocolVersion: 4,
-		Connect: packets.ConnectParams{
-			ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30,
-			ClientIdentifier: id, UsernameFlag: true, Username: []byte(id),
-			PasswordFlag: true, Password: []byte(secret),
-		},
-	}
-	var buf bytes.Buffer
-	if err := pk.ConnectEncode(&buf); err != nil {
-		return 0, err
-	}
-	_ = conn.SetDeadline(time.Now().Add(time.Minute))
-	if _, err := conn.Write(buf.Bytes()); err != nil {
-		return 0, err
-	}
-	ack := make([]byte, 4)
-	if _, err := io.ReadFull(conn, ack); err != nil {
+	ack, err := rawExchange(conn, rawConnectPacket(id, id, secret, 30), 4, time.Minute)
+	if err != nil {
 		return 0, err
 	}
 	return ack[3], nil

@@ -1,10 +1,8 @@
 package local
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"runtime"
@@ -14,7 +12,6 @@ import (
 	"time"
 
 	pahov3 "github.com/eclipse/paho.mqtt.golang"
-	"github.com/mochi-mqtt/server/v2/packets"
 	"github.com/stationedge/edged"
 )
 
@@ -189,35 +186,12 @@ func rawConnect(b testing.TB, addr, id string) net.Conn {
 	if err != nil {
 		b.Fatal(err)
 	}
-	pk := packets.Packet{
-		FixedHeader:     packets.FixedHeader{Type: packets.Connect},
-		ProtocolVersion: 4,
-		Connect: packets.ConnectParams{
-			ProtocolName:     []byte("MQTT"),
-			Clean:            true,
-			Keepalive:        120,
-			ClientIdentifier: id,
-			UsernameFlag:     true,
-			Username:         []byte(id),
-			PasswordFlag:     true,
-			Password:         []byte(secretA),
-		},
-	}
-	var buf bytes.Buffer
-	if err := pk.ConnectEncode(&buf); err != nil {
-		b.Fatal(err)
-	}
-	_ = conn.SetDeadline(time.Now().Add(testWaitPeriod))
-	if _, err := conn.Write(buf.Bytes()); err != nil {
-		b.Fatal(err)
-	}
-	ack := make([]byte, 4)
-	if _, err := io.ReadFull(conn, ack); err != nil {
+	ack, err := rawExchange(conn, rawConnectPacket(id, id, secretA, 120), 4, testWaitPeriod)
+	if err != nil {
 		b.Fatal(err)
 	}
 	if ack[0] != 0x20 || ack[3] != 0 {
 		b.Fatalf("connack %x", ack)
 	}
-	_ = conn.SetDeadline(time.Time{})
 	return conn
 }

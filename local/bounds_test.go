@@ -1,18 +1,14 @@
 package local
 
 import (
-	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 func telemetryJSON(prefix string, n int, v any) []byte {
@@ -160,25 +156,8 @@ func refusedConnect(t testing.TB, addr, user, clientID, password string) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	pk := packets.Packet{
-		FixedHeader:     packets.FixedHeader{Type: packets.Connect},
-		ProtocolVersion: 4,
-		Connect: packets.ConnectParams{
-			ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30,
-			ClientIdentifier: clientID, UsernameFlag: true, Username: []byte(user),
-			PasswordFlag: true, Password: []byte(password),
-		},
-	}
-	var buf bytes.Buffer
-	if err := pk.ConnectEncode(&buf); err != nil {
-		t.Fatal(err)
-	}
-	_ = conn.SetDeadline(time.Now().Add(testWaitPeriod))
-	if _, err := conn.Write(buf.Bytes()); err != nil {
-		t.Fatal(err)
-	}
-	ack := make([]byte, 4)
-	if _, err := io.ReadFull(conn, ack); err != nil {
+	ack, err := rawExchange(conn, rawConnectPacket(clientID, user, password, 30), 4, testWaitPeriod)
+	if err != nil {
 		t.Fatal(err)
 	}
 	if ack[0] != 0x20 || ack[3] != 5 {

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"regexp"
@@ -14,9 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"testing"
-	"time"
-
-	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 // footprint is what a set of idle devices costs the broker's process.
@@ -97,23 +93,8 @@ func vmRSS() uint64 {
 // rawSubscribe subscribes conn to filter at QoS 1 and reads the SUBACK.
 func rawSubscribe(tb testing.TB, conn net.Conn, filter string) {
 	tb.Helper()
-	pk := packets.Packet{
-		FixedHeader:     packets.FixedHeader{Type: packets.Subscribe, Qos: 1},
-		ProtocolVersion: 4,
-		PacketID:        1,
-		Filters:         packets.Subscriptions{{Filter: filter, Qos: 1}},
-	}
-	var buf bytes.Buffer
-	if err := pk.SubscribeEncode(&buf); err != nil {
-		tb.Fatal(err)
-	}
-	_ = conn.SetDeadline(time.Now().Add(testWaitPeriod))
-	defer conn.SetDeadline(time.Time{})
-	if _, err := conn.Write(buf.Bytes()); err != nil {
-		tb.Fatal(err)
-	}
-	ack := make([]byte, 5)
-	if _, err := io.ReadFull(conn, ack); err != nil {
+	ack, err := rawExchange(conn, rawSubscribePacket(filter), 5, testWaitPeriod)
+	if err != nil {
 		tb.Fatal(err)
 	}
 	if ack[0] != 0x90 || ack[4] != 1 {
