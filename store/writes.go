@@ -2,7 +2,9 @@ package store
 
 import (
 	"os"
+	"slices"
 	"sync/atomic"
+	"time"
 
 	"github.com/stationedge/edged"
 	bolt "go.etcd.io/bbolt"
@@ -41,6 +43,11 @@ type writeCounters struct {
 	// size is the file's size last seen; it only grows (bbolt truncates
 	// upwards only), so each increase is one growth.
 	size atomic.Int64
+	// writeTime counts the transactions by the time bbolt took to write
+	// and sync them (edged.WriteTimeBounds), writeSum is their total in
+	// nanoseconds.
+	writeTime [writeBuckets]atomic.Uint64
+	writeSum  atomic.Int64
 	// tx is the write transaction counted last (writer only, like devTx):
 	// the functions of one batch share a transaction, counted once.
 	tx *bolt.Tx
@@ -59,11 +66,37 @@ func (db *DB) counted(kind txKind, fn func(*bolt.Tx) error) func(*bolt.Tx) error
 			// is seen with the next one's).
 			tx.OnCommit(func() {
 				w.txs[kind].Add(1)
+				st := tx.Stats()
+				w.wrote(st.GetWriteTime())
 				db.sawGrowth()
 			})
 		}
 		return fn(tx)
 	}
+}
+
+// writeBuckets is one per edged.WriteTimeBounds, and one for longer
+// writes.
+const writeBuckets = len(edged.WriteTimeBounds) + 1
+
+// wrote counts a transaction that took d to write and sync.
+func (w *writeCounters) wrote(d time.Duration) {
+	i, _ := slices.BinarySearch(edged.WriteTimeBounds[:], d) // the first bound >= d
+	w.writeTime[i].Add(1)
+	w.writeSum.Add(int64(d))
+}
+
+// writeTimes returns the write times counted so far.
+func (w *writeCounters) writeTimes() edged.DurationHistogram {
+	h := edged.DurationHistogram{
+		Bounds: slices.Clone(edged.WriteTimeBounds[:]),
+		Counts: make([]uint64, writeBuckets),
+		Sum:    time.Duration(w.writeSum.Load()),
+	}
+	for i := range h.Counts {
+		h.Counts[i] = w.writeTime[i].Load()
+	}
+	return h
 }
 
 // sawGrowth counts a growth of the file since it last looked, after every
@@ -105,5 +138,6 @@ func (db *DB) Writes() edged.StoreWrites {
 		n += v
 	}
 	out.Fsyncs = fsyncsPerTx*n + out.Grows
+	out.WriteTime = w.writeTimes()
 	return out
 }

@@ -58,6 +58,14 @@ func TestWritesCountTransactionsAndWhatTheyCarried(t *testing.T) {
 		if wantF := 2*got.Tx() + got.Grows; got.Fsyncs != wantF {
 			t.Errorf("%s: %d fsyncs for %d transactions and %d growths, want %d", what, got.Fsyncs, got.Tx(), got.Grows, wantF)
 		}
+		// Each transaction's time to the disk is counted once, and it
+		// took some: two syncs are never free.
+		if timed := after.WriteTime.Count() - before.WriteTime.Count(); timed != got.Tx() {
+			t.Errorf("%s: %d write times counted for %d transactions", what, timed, got.Tx())
+		}
+		if got.Tx() > 0 && after.WriteTime.Sum <= before.WriteTime.Sum {
+			t.Errorf("%s: write time went from %v to %v over %d transactions", what, before.WriteTime.Sum, after.WriteTime.Sum, got.Tx())
+		}
 		return after
 	}
 
@@ -120,6 +128,31 @@ func TestWritesCountTransactionsAndWhatTheyCarried(t *testing.T) {
 
 	if got, want := db.Writes().Tx()-1, committedTxs(t, db)-id0; got != want {
 		t.Errorf("counted %d write transactions after open, bbolt committed %d", got, want)
+	}
+	if w := db.Writes(); w.WriteTime.Count() != w.Tx() {
+		t.Errorf("write times of %d transactions counted, %d committed (open included)", w.WriteTime.Count(), w.Tx())
+	}
+}
+
+// A write time lands in the first bucket whose bound it does not exceed;
+// one longer than every bound lands in the last.
+func TestWriteTimeBuckets(t *testing.T) {
+	var w writeCounters
+	for _, d := range []time.Duration{0, 250 * time.Microsecond, 251 * time.Microsecond, 5 * time.Millisecond, 7 * time.Millisecond, time.Second, 3 * time.Second} {
+		w.wrote(d)
+	}
+	h := w.writeTimes()
+	want := map[time.Duration]uint64{250 * time.Microsecond: 2, 500 * time.Microsecond: 1, 5 * time.Millisecond: 1, 10 * time.Millisecond: 1, time.Second: 1}
+	for i, b := range h.Bounds {
+		if h.Counts[i] != want[b] {
+			t.Errorf("bucket <= %v counted %d, want %d", b, h.Counts[i], want[b])
+		}
+	}
+	if last := h.Counts[len(h.Bounds)]; last != 1 {
+		t.Errorf("the bucket above %v counted %d, want 1 (3 s)", h.Bounds[len(h.Bounds)-1], last)
+	}
+	if want := 4*time.Second + 12*time.Millisecond + 501*time.Microsecond; h.Sum != want {
+		t.Errorf("sum %v, want %v", h.Sum, want)
 	}
 }
 

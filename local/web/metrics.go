@@ -79,6 +79,7 @@ var (
 	mStoreFsyncs = desc("store_fsyncs_total", "fsync and fdatasync calls of the store: two per write transaction, one per file growth.")
 	mStoreGrows  = desc("store_file_grows_total", "Growths of the store's file, one fsync each.")
 	mStoreOps    = desc("store_ops_total", "Operations the store's write transactions made durable: commits, acks, device states.", "kind")
+	mStoreWrite  = desc("store_write_seconds", "Time each write transaction took to write and sync its pages, then its meta page.")
 
 	mBusPortOpen    = desc("bus_port_open", "1 while the bus's serial port is open.", "bus")
 	mBusOpens       = desc("bus_port_opens_total", "Successful opens of the bus's port; more than 1 means it was reopened.", "bus")
@@ -106,7 +107,7 @@ func (c stationCollector) Describe(ch chan<- *prometheus.Desc) {
 		mUplinkState, mUplinkReconnects, mUplinkConnects, mUplinkAcked,
 		mUplinkProfile, mUplinkMessages, mUplinkEvents, mUplinkBatches, mUplinkWaits, mUplinkRefused, mUplinkLive, mUplinkDownHeld,
 		mRentalsActive, mRentalsStarted, mRentalsEnded, mRentalResults, mCommandResults, mUnrentedUse,
-		mCommits, mCommitChanges, mStoreTxs, mStoreFsyncs, mStoreGrows, mStoreOps,
+		mCommits, mCommitChanges, mStoreTxs, mStoreFsyncs, mStoreGrows, mStoreOps, mStoreWrite,
 		mBusPortOpen, mBusOpens, mBusPortErrors, mBusRequests, mBusTimeouts, mBusCRCErrors,
 		mBusFrameErrors, mBusExceptions, mBusFailedPolls, mBusDevOnline} {
 		ch <- d
@@ -215,6 +216,7 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		counter(mStoreOps, float64(w.Commits), "commit")
 		counter(mStoreOps, float64(w.Acks), "ack")
 		counter(mStoreOps, float64(w.DeviceStates), "device_state")
+		ch <- histogram(mStoreWrite, w.WriteTime)
 	}
 
 	buses := s.buses()
@@ -240,6 +242,18 @@ func (c stationCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(mBusDevOnline, float64(online), b.Name)
 	}
+}
+
+// histogram exports h in seconds, its buckets cumulative as Prometheus
+// has them.
+func histogram(d *prometheus.Desc, h edged.DurationHistogram) prometheus.Metric {
+	buckets := make(map[float64]uint64, len(h.Bounds))
+	var n uint64
+	for i, b := range h.Bounds {
+		n += h.Counts[i]
+		buckets[b.Seconds()] = n
+	}
+	return prometheus.MustNewConstHistogram(d, h.Count(), h.Sum.Seconds(), buckets)
 }
 
 // storeWriter is what a Store that counts its writes offers.

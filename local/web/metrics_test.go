@@ -46,6 +46,8 @@ func TestMetricsStoreWrites(t *testing.T) {
 		{`edged_store_ops_total{kind="commit"}`, before.Commits, after.Commits},
 		{`edged_store_ops_total{kind="ack"}`, before.Acks, after.Acks},
 		{`edged_store_ops_total{kind="device_state"}`, before.DeviceStates, after.DeviceStates},
+		{"edged_store_write_seconds_count", before.WriteTime.Count(), after.WriteTime.Count()},
+		{`edged_store_write_seconds_bucket{le="+Inf"}`, before.WriteTime.Count(), after.WriteTime.Count()},
 	} {
 		got, ok := values[c.name]
 		if !ok {
@@ -55,6 +57,27 @@ func TestMetricsStoreWrites(t *testing.T) {
 		if got < float64(c.low) || got > float64(c.high) {
 			t.Errorf("%s = %v, the store counted %d before the scrape and %d after", c.name, got, c.low, c.high)
 		}
+	}
+	// The write times are a histogram in seconds: cumulative buckets, one
+	// per bound, the last holding every transaction.
+	prev := 0.0
+	for _, b := range after.WriteTime.Bounds {
+		name := `edged_store_write_seconds_bucket{le="` + strconv.FormatFloat(b.Seconds(), 'g', -1, 64) + `"}`
+		v, ok := values[name]
+		if !ok {
+			t.Errorf("metrics lack %s", name)
+			continue
+		}
+		if v < prev {
+			t.Errorf("%s = %v, below the bucket before it (%v)", name, v, prev)
+		}
+		prev = v
+	}
+	if all := values["edged_store_write_seconds_count"]; prev > all || all < 2 {
+		t.Errorf("write time buckets reach %v of %v transactions, want at least the grant's and the start's", prev, all)
+	}
+	if values["edged_store_write_seconds_sum"] <= 0 {
+		t.Errorf("write time sum %v, want the time those transactions took", values["edged_store_write_seconds_sum"])
 	}
 	// The rental's grant and start were committed: fsyncs were paid.
 	if values[`edged_store_write_txs_total{by="commit"}`] < 1 || values["edged_store_fsyncs_total"] < 2 {
