@@ -146,3 +146,93 @@ func TestSendOutsideTheLock(t *testing.T) {
 		t.Fatalf("sent %+v, want one start", sent)
 	}
 }
+
+// TestAckRidesTheNextCommit: on a busy station a device's ack waits for
+// the next decision's commit to carry it: two decisions, one fsync. The
+// decision that may not wait (a grant) is not held by it.
+func TestAckRidesTheNextCommit(t *testing.T) {
+	h := newHarness(t)
+	h.online("chair-1", edged.StatusIdle)
+	h.online("chair-2", edged.StatusIdle)
+	h.rental(grant("r-1", "chair-1", "alice", 600))
+	start := startTo(t, h, "chair-1")
+	// The last commit just ended and took long: the ack may wait an hour.
+	h.st.SetLinger(time.Hour, 0, time.Hour)
+	before := h.st.Stats()
+	acked := make(chan error, 1)
+	go func() { acked <- h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: start.CmdID, OK: true}) }()
+	waitFor(t, "the ack queued, its commit held", func() bool { return h.st.Queued() == 1 })
+	granted := make(chan error, 1)
+	go func() {
+		b, _ := json.Marshal(grant("r-2", "chair-2", "bob", 600))
+		granted <- h.st.Rental(ctx, b)
+	}()
+	for name, ch := range map[string]chan error{"the grant": granted, "the ack": acked} {
+		select {
+		case err := <-ch:
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%s still waits: the grant did not wake the committer", name)
+		}
+	}
+	if got := h.st.Stats().Commits - before.Commits; got != 1 {
+		t.Errorf("the ack and the grant took %d commits, want 1", got)
+	}
+	if r := rentalState(h, "r-1"); r != edged.RentalActive {
+		t.Errorf("r-1 is %q after its start was acked, want active", r)
+	}
+}
+
+// startTo returns the start command sent to dev.
+func startTo(t *testing.T, h *harness, dev string) edged.DeviceCommand {
+	t.Helper()
+	for _, s := range h.dev.take() {
+		if s.Device == dev && s.Cmd.Action == "start" {
+			return s.Cmd
+		}
+	}
+	t.Fatalf("no start sent to %s", dev)
+	return edged.DeviceCommand{}
+}
+
+// rentalState is the state of a running rental, "" when none runs.
+func rentalState(h *harness, id string) edged.RentalState {
+	for _, r := range h.st.ActiveRentals() {
+		if r.ID == id {
+			return r.State
+		}
+	}
+	return ""
+}
+
+// TestAckNotHeldWhenItSavesNothing: an idle station commits a device's
+// ack at once, and so does a station whose commits cost nothing.
+func TestAckNotHeldWhenItSavesNothing(t *testing.T) {
+	for _, c := range []struct {
+		name      string
+		ago, took time.Duration
+	}{
+		{"idle: the last commit ended 2 h ago", 2 * time.Hour, time.Hour},
+		{"the last commit took no time", 0, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.online("chair-1", edged.StatusIdle)
+			h.rental(grant("r-1", "chair-1", "alice", 600))
+			h.st.SetLinger(time.Hour, c.ago, c.took)
+			acked := make(chan error, 1)
+			start := startTo(t, h, "chair-1")
+			go func() { acked <- h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: start.CmdID, OK: true}) }()
+			select {
+			case err := <-acked:
+				if err != nil {
+					t.Fatal(err)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("the ack was held, with nothing to ride")
+			}
+		})
+	}
+}

@@ -102,6 +102,13 @@ type Station struct {
 	committing bool
 	seq        uint64
 	cstats     committerStats
+	// urgent wakes a committer lingering over device acks when a decision
+	// that may not wait is queued; lastCommit is when the last commit
+	// ended (UnixNano), lastCommitTook how long it took.
+	urgent         chan struct{}
+	lastCommit     atomic.Int64
+	lastCommitTook atomic.Int64
+	lingerFor      time.Duration // lingerFor, or a test's
 	// durable is the seq up to which every decided change is written.
 	durable uint64
 	// owed holds the cloud messages (by result key; "c:" and a cmd_id for
@@ -136,10 +143,11 @@ func NewStation(o StationOptions) (*Station, error) {
 	s := &Station{
 		id: o.ID, store: o.Store, cmd: o.Commander, clock: o.Clock,
 		verifyKey: o.VerifyKey, startTimeout: o.StartTimeout, log: o.Logger,
-		changed: make(chan struct{}, 1), wake: make(chan struct{}, 1),
-		devices: map[string]*deviceRecord{},
-		live:    map[string]*liveRental{},
-		pending: map[string]*pendingCommand{},
+		changed: make(chan struct{}, 1), wake: make(chan struct{}, 1), urgent: make(chan struct{}, 1),
+		lingerFor: lingerFor,
+		devices:   map[string]*deviceRecord{},
+		live:      map[string]*liveRental{},
+		pending:   map[string]*pendingCommand{},
 	}
 	for _, d := range o.Devices {
 		if _, dup := s.devices[d.ID]; dup {
@@ -482,8 +490,9 @@ func (s *Station) DeviceEvent(ctx context.Context, deviceID string, event []byte
 func (s *Station) DeviceAck(ctx context.Context, deviceID string, a CommandAck) error {
 	ctx = context.WithoutCancel(ctx) // see Station: a decision is carried out whole
 	// The commit's outcome is not the device's business: what was decided
-	// is enforced, its record waits for the store if it must.
-	err, _ := s.decide(func() error { return s.deviceAckLocked(ctx, deviceID, a) })
+	// is enforced, its record waits for the store if it must. An ack may
+	// wait briefly for another decision's commit to carry it (lingerFor).
+	err, _ := s.decideTicket(true, func() error { return s.deviceAckLocked(ctx, deviceID, a) })
 	return err
 }
 
