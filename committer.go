@@ -236,8 +236,12 @@ func (s *Station) actLocked(durableOnly bool, do func(ctx context.Context) func(
 // nothing still waits for the effects of those before it.
 func (s *Station) commitLoop() {
 	ctx := context.Background() // a decision, once begun, is carried out whole
-	lingerTimer := time.NewTimer(time.Hour)
-	defer lingerTimer.Stop()
+	var lingerTimer *time.Timer // made when first needed: most loops never linger
+	defer func() {
+		if lingerTimer != nil {
+			lingerTimer.Stop()
+		}
+	}()
 	acts := make(chan func(), actDepth)
 	acted := make(chan struct{}, actDepth)
 	go func() {
@@ -270,7 +274,11 @@ func (s *Station) commitLoop() {
 			default:
 			}
 			s.mu.Unlock()
-			lingerTimer.Reset(wait)
+			if lingerTimer == nil {
+				lingerTimer = time.NewTimer(wait)
+			} else {
+				lingerTimer.Reset(wait)
+			}
 			select {
 			case <-s.urgent:
 			case <-lingerTimer.C:
