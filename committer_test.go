@@ -155,7 +155,7 @@ func TestAckRidesTheNextCommit(t *testing.T) {
 	h.online("chair-1", edged.StatusIdle)
 	h.online("chair-2", edged.StatusIdle)
 	h.rental(grant("r-1", "chair-1", "alice", 600))
-	start := startTo(t, h, "chair-1")
+	start := h.sent("chair-1", "start")
 	// The last commit just ended and took long: the ack may wait an hour.
 	h.st.SetLinger(time.Hour, 0, time.Hour)
 	before := h.st.Stats()
@@ -168,13 +168,8 @@ func TestAckRidesTheNextCommit(t *testing.T) {
 		granted <- h.st.Rental(ctx, b)
 	}()
 	for name, ch := range map[string]chan error{"the grant": granted, "the ack": acked} {
-		select {
-		case err := <-ch:
-			if err != nil {
-				t.Fatalf("%s: %v", name, err)
-			}
-		case <-time.After(20 * time.Second):
-			t.Fatalf("%s still waits: the grant did not wake the committer", name)
+		if err := answered(t, ch, name+" still waits: the grant did not wake the committer"); err != nil {
+			t.Fatalf("%s: %v", name, err)
 		}
 	}
 	if got := h.st.Stats().Commits - before.Commits; got != 1 {
@@ -185,16 +180,17 @@ func TestAckRidesTheNextCommit(t *testing.T) {
 	}
 }
 
-// startTo returns the start command sent to dev.
-func startTo(t *testing.T, h *harness, dev string) edged.DeviceCommand {
+// answered waits for a caller's answer on ch, failing with stuck when
+// none comes within a generous deadline.
+func answered(t *testing.T, ch <-chan error, stuck string) error {
 	t.Helper()
-	for _, s := range h.dev.take() {
-		if s.Device == dev && s.Cmd.Action == "start" {
-			return s.Cmd
-		}
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(20 * time.Second):
+		t.Fatal(stuck)
+		return nil
 	}
-	t.Fatalf("no start sent to %s", dev)
-	return edged.DeviceCommand{}
 }
 
 // rentalState is the state of a running rental, "" when none runs.
@@ -223,15 +219,10 @@ func TestAckNotHeldWhenItSavesNothing(t *testing.T) {
 			h.rental(grant("r-1", "chair-1", "alice", 600))
 			h.st.SetLinger(time.Hour, c.ago, c.took)
 			acked := make(chan error, 1)
-			start := startTo(t, h, "chair-1")
+			start := h.sent("chair-1", "start")
 			go func() { acked <- h.st.DeviceAck(ctx, "chair-1", edged.CommandAck{CmdID: start.CmdID, OK: true}) }()
-			select {
-			case err := <-acked:
-				if err != nil {
-					t.Fatal(err)
-				}
-			case <-time.After(20 * time.Second):
-				t.Fatal("the ack was held, with nothing to ride")
+			if err := answered(t, acked, "the ack was held, with nothing to ride"); err != nil {
+				t.Fatal(err)
 			}
 		})
 	}

@@ -91,11 +91,19 @@ func grant(id, dev, renter string, dur int) map[string]any {
 // ack answers the last command of the given action sent to dev.
 func (h *harness) ack(dev, action string, ok bool) edged.DeviceCommand {
 	h.t.Helper()
+	c := h.sent(dev, action)
+	if err := h.st.DeviceAck(ctx, dev, edged.CommandAck{CmdID: c.CmdID, OK: ok}); err != nil {
+		h.t.Fatal(err)
+	}
+	return c
+}
+
+// sent takes the commands sent so far and returns the one of the given
+// action sent to dev.
+func (h *harness) sent(dev, action string) edged.DeviceCommand {
+	h.t.Helper()
 	for _, s := range h.dev.take() {
 		if s.Device == dev && s.Cmd.Action == action {
-			if err := h.st.DeviceAck(ctx, dev, edged.CommandAck{CmdID: s.Cmd.CmdID, OK: ok}); err != nil {
-				h.t.Fatal(err)
-			}
 			return s.Cmd
 		}
 	}
